@@ -1,0 +1,285 @@
+"""The request-path producer: ``emit()`` never blocks on the broker and never fails the caller.
+
+Flow: ``emit(event)`` serializes the event and appends it to the write-ahead spool (one
+``write(2)``, a few microseconds) and returns. A sender thread reads the spool in order and sends
+to Kafka with ``acks=all``; once the broker has acknowledged every record up to a point, the spool
+is trimmed to that point. When the broker is slow or down, records simply wait in the spool; when
+a send fails, the sender rewinds to the first unacknowledged record and sends again from there, in
+order. A record may therefore reach Kafka more than once (after a failure or a crash between
+"delivered" and "trimmed"); the sink deduplicates by ``event_id``, so each event lands once.
+
+What ``emit()`` returning True promises: the event is in the spool file (it survives SIGKILL of
+this process; power loss within ``fsync_interval_s``), or -- only while the disk budget is exhausted
+or the disk is failing -- in a bounded in-memory overflow (lost on SIGKILL; counted in
+``overflowed``). False means both budgets were exhausted: the event was dropped and counted.
+
+Events are keyed by episode id when there is one (so an episode's events stay ordered in one
+partition), else by interaction id, else by event id.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from typing import Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from streams.events import ControlEvent, FeedbackEvent, InteractionEvent
+from streams.settings import KafkaSettings, ProducerSettings
+from streams.spool import Position, Spool, SpoolFull
+from streams.topics import BY_EVENT_TYPE
+
+log = logging.getLogger(__name__)
+
+
+def event_key(event: InteractionEvent | FeedbackEvent | ControlEvent) -> bytes:
+    key = getattr(event, "episode_id", None) or getattr(event, "interaction_id", None) or event.event_id
+    return key.encode()
+
+
+class EventProducer:
+    """Never-blocking, never-failing, spool-backed Kafka producer. Thread-safe ``emit``."""
+
+    def __init__(self, kafka: KafkaSettings, settings: ProducerSettings | None = None):
+        self.kafka = kafka
+        self.settings = settings or ProducerSettings()
+        s = self.settings
+        self.spool = Spool(s.spool_dir, segment_bytes=s.segment_bytes, disk_budget_bytes=s.disk_budget_bytes,
+                           fsync_interval_s=s.fsync_interval_s)
+        # counters (plain ints: the hot path must not take a metrics lock)
+        self.accepted = 0
+        self.sent = 0
+        self.spooled = 0
+        self.replayed = 0
+        self.overflowed = 0
+        self.dropped = 0
+        self.send_failures = 0
+        self._overflow: collections.deque[tuple[str, bytes, bytes]] = collections.deque()
+        self._overflow_bytes = 0
+        self._overflow_lock = threading.Lock()
+        self.connected = False
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._drained = threading.Event()
+        self._replay_horizon = self.spool.end  # records before this were written by an earlier run
+        self._thread = threading.Thread(target=self._run, name="event-producer", daemon=True)
+        self._thread.start()
+
+    # -- the hot path ------------------------------------------------------------------------
+    def emit(self, event: InteractionEvent | FeedbackEvent | ControlEvent) -> bool:
+        """Accept one event for delivery. Never raises for broker or disk trouble; False = dropped."""
+        return self.emit_raw(BY_EVENT_TYPE[event.event_type].name, event_key(event), event.to_json())
+
+    def emit_raw(self, topic: str, key: bytes, payload: bytes) -> bool:
+        try:
+            self.spool.append(topic, key, payload)
+        except SpoolFull:
+            with self._overflow_lock:
+                if self._overflow_bytes + len(payload) > self.settings.memory_budget_bytes:
+                    self.dropped += 1
+                    return False
+                self._overflow.append((topic, key, payload))
+                self._overflow_bytes += len(payload)
+                self.overflowed += 1
+        self.accepted += 1
+        if not self.connected:
+            self.spooled += 1
+        if not self._wake.is_set():
+            self._wake.set()
+        return True
+
+    # -- the sender thread -------------------------------------------------------------------
+    def _connect(self):
+        from kafka import KafkaProducer
+
+        s = self.settings
+        return KafkaProducer(
+            bootstrap_servers=self.kafka.servers,
+            client_id=f"{self.kafka.client_id}-producer",
+            acks="all",
+            # The idempotent producer lost acked records on a broker restart (INFRA.md); we
+            # deduplicate downstream by event id instead.
+            enable_idempotence=False,
+            linger_ms=s.linger_ms,
+            batch_size=s.batch_size,
+            delivery_timeout_ms=s.delivery_timeout_ms,
+            request_timeout_ms=max(1000, s.delivery_timeout_ms - s.linger_ms - 500),
+            max_block_ms=2000,
+            retry_backoff_ms=100,
+            reconnect_backoff_ms=100,
+            reconnect_backoff_max_ms=1000,
+        )
+
+    def _run(self) -> None:
+        backoff = 0.1
+        producer = None
+        inflight: collections.deque[list[Any]] = collections.deque()  # [end Position, done]
+        overflow_inflight: list[list[Any]] = []  # [record tuple, done]
+        state = {"gen": 0, "failed_gen": -1}
+        cursor = self.spool.acked
+        last_ack_write = 0.0
+        acked_upto: Position | None = None
+
+        def on_ok(_meta, entry=None, gen=0):
+            entry[1] = True
+            self.sent += 1
+
+        def on_err(exc, gen=0):
+            self.send_failures += 1
+            if state["failed_gen"] < gen:
+                state["failed_gen"] = gen
+                log.warning("send to Kafka failed (%s); will resend from the spool", exc)
+
+        while True:
+            if self._stopping.is_set() and not inflight and not overflow_inflight and self._backlog_empty(cursor):
+                break
+            if producer is None:
+                try:
+                    producer = self._connect()
+                except Exception as exc:  # broker down at start: keep spooling, retry
+                    self.connected = False
+                    log.warning("Kafka at %s not reachable (%s: %s); spooling, retrying in %.1fs",
+                                self.kafka.bootstrap_servers, type(exc).__name__, exc, backoff)
+                    if self._stopping.wait(backoff):
+                        break
+                    backoff = min(backoff * 2, 5.0)
+                    continue
+                self.connected = True
+            if state["failed_gen"] == state["gen"]:
+                # Rewind: resend everything from the first unacknowledged record, in order.
+                self.connected = False
+                state["gen"] += 1
+                gen = state["gen"]
+                inflight.clear()
+                with self._overflow_lock:
+                    for rec, done in reversed(overflow_inflight):
+                        if not done:
+                            self._overflow.appendleft(rec)
+                            self._overflow_bytes += len(rec[2])
+                overflow_inflight.clear()
+                cursor = self.spool.acked
+                self._replay_horizon = max(self._replay_horizon, self.spool.end)
+                if self._stopping.wait(backoff):
+                    break
+                backoff = min(backoff * 2, 5.0)
+                continue
+            gen = state["gen"]
+            progressed = False
+            room = self.settings.max_in_flight_records - len(inflight) - len(overflow_inflight)
+            if room > 0:
+                records = self.spool.read(cursor, max_records=min(room, 2000))
+                for rec in records:
+                    entry = [rec.end, False]
+                    try:
+                        fut = producer.send(rec.topic, key=rec.key, value=rec.payload)
+                    except Exception as exc:
+                        on_err(exc, gen)
+                        break
+                    inflight.append(entry)
+                    fut.add_callback(on_ok, entry=entry, gen=gen)
+                    fut.add_errback(on_err, gen=gen)
+                    if rec.end <= self._replay_horizon:
+                        self.replayed += 1
+                    cursor = rec.end
+                    progressed = True
+                if not records and self._overflow:
+                    with self._overflow_lock:
+                        batch = [self._overflow.popleft() for _ in range(min(room, len(self._overflow)))]
+                        self._overflow_bytes -= sum(len(r[2]) for r in batch)
+                    for rec in batch:
+                        entry = [rec, False]
+                        overflow_inflight.append(entry)
+                        try:
+                            fut = producer.send(rec[0], key=rec[1], value=rec[2])
+                        except Exception as exc:
+                            on_err(exc, gen)
+                            continue
+                        fut.add_callback(on_ok, entry=entry, gen=gen)
+                        fut.add_errback(on_err, gen=gen)
+                    progressed = bool(batch)
+            # Advance the acknowledged watermark over the contiguous prefix of delivered records.
+            while inflight and inflight[0][1]:
+                acked_upto = inflight.popleft()[0]
+                progressed = True
+            if overflow_inflight and all(e[1] for e in overflow_inflight):
+                overflow_inflight.clear()
+            now = time.monotonic()
+            if acked_upto is not None and (now - last_ack_write > 0.05 or not inflight):
+                self.spool.ack(acked_upto)
+                acked_upto = None
+                last_ack_write = now
+                backoff = 0.1
+                self.connected = True
+            if not progressed:
+                self._wake.wait(0.005 if inflight else 0.05)
+                self._wake.clear()
+        if acked_upto is not None:
+            self.spool.ack(acked_upto)
+        if producer is not None:
+            try:
+                producer.close(timeout=2)
+            except Exception:
+                pass
+        self._drained.set()
+
+    def _backlog_empty(self, cursor: Position) -> bool:
+        return not self._overflow and cursor >= self.spool.end
+
+    # -- lifecycle and observability ---------------------------------------------------------
+    @property
+    def backlog_bytes(self) -> int:
+        return self.spool.pending_bytes() + self._overflow_bytes
+
+    def flush(self, timeout_s: float = 30.0) -> bool:
+        """Wait until everything accepted so far is acknowledged by the broker. True if it was."""
+        target = self.spool.end
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.spool.acked >= target and not self._overflow:
+                return True
+            self._wake.set()
+            time.sleep(0.01)
+        return False
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Try to deliver the backlog for up to ``timeout_s``; what is left stays in the spool."""
+        self._stopping.set()
+        self._wake.set()
+        self._thread.join(timeout_s)
+        self.spool.close()
+        if self._overflow:
+            log.error("%d events only in memory (disk was full) were not delivered at close", len(self._overflow))
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "accepted": self.accepted, "sent": self.sent, "spooled": self.spooled, "replayed": self.replayed,
+            "overflowed": self.overflowed, "dropped": self.dropped, "send_failures": self.send_failures,
+            "spool_bytes": self.spool.bytes_on_disk, "backlog_bytes": self.backlog_bytes,
+            "corrupt_records": self.spool.corrupt_records,
+        }
+
+
+class ProducerCollector(Collector):
+    """Exports an EventProducer's counters to Prometheus (read at scrape time, no hot-path locks)."""
+
+    def __init__(self, producer: EventProducer, prefix: str = "onpolicy_producer"):
+        self.producer = producer
+        self.prefix = prefix
+
+    def collect(self):
+        st = self.producer.stats()
+        for name in ("accepted", "sent", "spooled", "replayed", "overflowed", "dropped", "send_failures", "corrupt_records"):
+            c = CounterMetricFamily(f"{self.prefix}_events_{name}", f"Events {name.replace('_', ' ')} by the producer.")
+            c.add_metric([], st[name])
+            yield c
+        for name in ("spool_bytes", "backlog_bytes"):
+            g = GaugeMetricFamily(f"{self.prefix}_{name}", f"Producer {name.replace('_', ' ')}.")
+            g.add_metric([], st[name])
+            yield g
+        g = GaugeMetricFamily(f"{self.prefix}_connected", "1 while the producer is delivering to Kafka.")
+        g.add_metric([], 1 if self.producer.connected else 0)
+        yield g

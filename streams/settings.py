@@ -1,0 +1,83 @@
+"""Settings for the streams components: one frozen object each, from env vars (ONPOLICY_ prefix)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def default_home() -> Path:
+    import os
+
+    return Path(os.environ.get("ONPOLICY_HOME", Path.home() / ".onpolicy"))
+
+
+class KafkaSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ONPOLICY_KAFKA_", frozen=True)
+
+    bootstrap_servers: str = Field(
+        default="127.0.0.1:9092",
+        description="Comma-separated host:port list of the Kafka-protocol brokers (Apache Kafka in production).",
+    )
+    client_id: str = Field(default="onpolicy", description="Kafka client id prefix.")
+
+    @field_validator("bootstrap_servers")
+    @classmethod
+    def _hostports(cls, value: str) -> str:
+        for hp in value.split(","):
+            host, sep, port = hp.strip().rpartition(":")
+            if not sep or not host or not port.isdigit():
+                raise ValueError(
+                    f"bootstrap server {hp!r} is not host:port; set ONPOLICY_KAFKA_BOOTSTRAP_SERVERS like 'kafka:9092'"
+                )
+        return value
+
+    @property
+    def servers(self) -> list[str]:
+        return [s.strip() for s in self.bootstrap_servers.split(",")]
+
+
+class ProducerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ONPOLICY_PRODUCER_", frozen=True)
+
+    spool_dir: Path = Field(default_factory=lambda: default_home() / "spool" / "default",
+                            description="Write-ahead spool directory; one per producing process.")
+    segment_bytes: int = Field(default=16 * 1024 * 1024, ge=4096, description="Spool segment size.")
+    disk_budget_bytes: int = Field(default=2 * 1024**3, ge=4096, description="Most disk the spool may use.")
+    memory_budget_bytes: int = Field(default=64 * 1024**2, ge=0,
+                                     description="In-memory overflow used only while the disk is full or over budget.")
+    fsync_interval_s: float = Field(default=1.0, gt=0, description="fsync the spool this often (power-loss window).")
+    delivery_timeout_ms: int = Field(default=15000, ge=1000, description="Give up on one send after this long and retry from the spool.")
+    max_in_flight_records: int = Field(default=20000, ge=1, description="Records sent but not yet acknowledged.")
+    linger_ms: int = Field(default=5, ge=0)
+    batch_size: int = Field(default=65536, ge=1024)
+
+
+class WarehouseSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ONPOLICY_WAREHOUSE_", frozen=True)
+
+    url: str = Field(default_factory=lambda: f"chdb://{default_home() / 'warehouse'}",
+                     description="chdb:///abs/path for the embedded engine, or http(s)://user:pass@host:8123 for a ClickHouse server.")
+    database: str = Field(default="onpolicy", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+    @field_validator("url")
+    @classmethod
+    def _scheme(cls, value: str) -> str:
+        if not value.startswith(("chdb://", "http://", "https://")):
+            raise ValueError(
+                f"warehouse url {value!r} must start with chdb:/// (embedded, an absolute path) or http(s):// (a ClickHouse server)"
+            )
+        if value.startswith("chdb://") and not value[len("chdb://"):].startswith("/"):
+            raise ValueError(f"embedded warehouse path must be absolute: chdb:///abs/path, got {value!r}")
+        return value
+
+
+class SinkSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ONPOLICY_SINK_", frozen=True)
+
+    group_id: str = Field(default="onpolicy-sink", description="Kafka consumer group of the sink.")
+    batch_max_records: int = Field(default=5000, ge=1, description="Insert once this many records are buffered...")
+    batch_max_wait_s: float = Field(default=0.5, gt=0, description="...or once the oldest buffered record is this old.")
+    metrics_port: int | None = Field(default=None, description="Serve Prometheus /metrics on this port.")
