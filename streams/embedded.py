@@ -19,12 +19,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from streams.errors import OnpolicyUserError
 from streams.settings import default_home
 
 log = logging.getLogger(__name__)
 
 
-class EmbeddedServiceError(RuntimeError):
+class EmbeddedServiceError(OnpolicyUserError):
     """An embedded service could not be started; the message says how to fix it."""
 
 

@@ -6,13 +6,14 @@ import logging
 import socket
 import time
 
+from streams.errors import OnpolicyUserError
 from streams.settings import KafkaSettings
 from streams.topics import ALL, Topic
 
 log = logging.getLogger(__name__)
 
 
-class BrokerUnreachable(RuntimeError):
+class BrokerUnreachable(OnpolicyUserError):
     """The configured brokers do not answer. The message says what to check."""
 
 

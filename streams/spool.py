@@ -37,6 +37,8 @@ from pathlib import Path
 
 import crc32c
 
+from streams.errors import OnpolicyUserError
+
 log = logging.getLogger(__name__)
 
 MAGIC = b"\xa7\x5e"
@@ -51,7 +53,7 @@ class SpoolFull(Exception):
     """The disk budget is exhausted (or the disk itself is full)."""
 
 
-class SpoolLocked(RuntimeError):
+class SpoolLocked(OnpolicyUserError):
     """Another process owns this spool directory."""
 
 
