@@ -15,6 +15,8 @@ COMMAND_MODULES = (
     "streams.cli",
     "proxy.cli",
     "learner.cli",
+    "learner.rewards_cli",
+    "learner.loop_cli",
 )
 
 

@@ -1,0 +1,1 @@
+"""onpolicy add-ons installed into the vLLM venv (not into the main venv)."""
