@@ -49,7 +49,8 @@ def s3rver_script() -> Path:
     """s3rver's entry script, installed by the set-up scripts under $ONPOLICY_HOME/node."""
     env = os.environ.get("ONPOLICY_S3RVER_JS")
     candidates = [Path(env)] if env else []
-    candidates.append(default_home() / "node" / "node_modules" / "s3rver" / "bin" / "s3rver.js")
+    for home in (default_home(), Path.home() / ".onpolicy"):
+        candidates.append(home / "node" / "node_modules" / "s3rver" / "bin" / "s3rver.js")
     for c in candidates:
         if c.exists():
             return c

@@ -16,7 +16,7 @@ import datetime as dt
 from typing import Annotated, Any, Callable, Literal, Union
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from streams.ids import new_id, utcnow
 
@@ -104,12 +104,11 @@ class FeedbackEvent(_Event):
     tenant: str | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
 
-    @field_validator("episode_id")
-    @classmethod
-    def _has_target(cls, episode_id: str | None, info) -> str | None:
-        if episode_id is None and info.data.get("interaction_id") is None:
+    @model_validator(mode="after")
+    def _has_target(self) -> "FeedbackEvent":
+        if self.episode_id is None and self.interaction_id is None:
             raise ValueError("feedback needs an interaction_id or an episode_id")
-        return episode_id
+        return self
 
 
 ControlAction = Literal[

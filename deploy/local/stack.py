@@ -1,0 +1,144 @@
+"""The single-machine stack (embedded defaults): broker, sink + warehouse, and -- as they land --
+vLLM, the proxy and the learner. Started in dependency order, stopped in reverse.
+
+State lives under one directory (``$ONPOLICY_HOME``, default ``~/.onpolicy``): the broker's log,
+the warehouse, spools, models, logs, and ``stack.json`` with the ports, so running ``onpolicy up``
+again resumes on the same ports with the data intact.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from streams.embedded import EmbeddedBroker, EmbeddedServiceError, free_port
+from streams.settings import default_home
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ManagedProcess:
+    """A child process with a log file, a readiness check and an orderly stop."""
+
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    log_path: Path
+    ready: Callable[[], bool] | None = None
+    proc: subprocess.Popen | None = None
+
+    def start(self, timeout_s: float = 60.0) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(self.argv, env=self.env, stdout=open(self.log_path, "ab"),
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        while self.ready is not None and not self.ready():
+            if self.proc.poll() is not None:
+                tail = self.log_path.read_text(errors="replace")[-1500:]
+                raise EmbeddedServiceError(f"{self.name} exited with status {self.proc.returncode}:\n{tail}")
+            if time.monotonic() > deadline:
+                raise EmbeddedServiceError(f"{self.name} not ready within {timeout_s:.0f}s (log: {self.log_path})")
+            time.sleep(0.2)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        if not self.alive():
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            log.warning("%s did not stop in %.0fs; killing", self.name, timeout_s)
+            self.proc.kill()
+            self.proc.wait()
+
+
+def http_ok(url: str) -> Callable[[], bool]:
+    def check() -> bool:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as resp:
+                return resp.status == 200
+        except Exception:
+            return False
+
+    return check
+
+
+@dataclass
+class Stack:
+    home: Path = field(default_factory=default_home)
+    processes: list[ManagedProcess] = field(default_factory=list)
+    broker: EmbeddedBroker | None = None
+    ports: dict[str, int] = field(default_factory=dict)
+
+    def _load_ports(self) -> None:
+        state = self.home / "stack.json"
+        if state.exists():
+            self.ports = json.loads(state.read_text()).get("ports", {})
+        for name in ("broker", "broker_store", "sink_metrics"):
+            self.ports.setdefault(name, free_port())
+        state.parent.mkdir(parents=True, exist_ok=True)
+        state.write_text(json.dumps({"ports": self.ports}, indent=2))
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            ONPOLICY_HOME=str(self.home),
+            ONPOLICY_KAFKA_BOOTSTRAP_SERVERS=f"127.0.0.1:{self.ports['broker']}",
+            ONPOLICY_WAREHOUSE_URL=f"chdb://{self.home / 'warehouse'}",
+        )
+        return env
+
+    def up(self) -> dict[str, str]:
+        from tqdm import tqdm
+
+        from streams.kafka_admin import ensure_topics
+        from streams.settings import KafkaSettings
+
+        self._load_ports()
+        steps = ["broker", "topics", "sink"]
+        with tqdm(total=len(steps), desc="starting onpolicy", unit="service", file=sys.stderr) as bar:
+            self.broker = EmbeddedBroker(data_dir=self.home / "broker", durable=True, port=self.ports["broker"],
+                                         s3_port=self.ports["broker_store"]).start()
+            bar.set_postfix_str("broker"); bar.update()
+            ensure_topics(KafkaSettings(bootstrap_servers=self.broker.bootstrap_servers))
+            bar.set_postfix_str("topics"); bar.update()
+            sink = ManagedProcess(
+                "sink", [sys.executable, "-m", "deploy.cli", "sink", "--metrics-port", str(self.ports["sink_metrics"])],
+                self.env(), self.home / "logs" / "sink.log",
+                ready=http_ok(f"http://127.0.0.1:{self.ports['sink_metrics']}/metrics"))
+            sink.start()
+            self.processes.append(sink)
+            bar.set_postfix_str("sink"); bar.update()
+        return {
+            "kafka bootstrap servers": self.broker.bootstrap_servers,
+            "warehouse": f"chdb://{self.home / 'warehouse'} (owned by the sink process)",
+            "sink metrics": f"http://127.0.0.1:{self.ports['sink_metrics']}/metrics",
+            "logs": str(self.home / "logs"),
+        }
+
+    def watch(self) -> str | None:
+        """The name of a process that died, if any."""
+        for p in self.processes:
+            if not p.alive():
+                return p.name
+        return None
+
+    def down(self) -> None:
+        """Stop in reverse order of start: consumers drain and commit before the broker goes."""
+        for p in reversed(self.processes):
+            p.stop()
+        if self.broker is not None:
+            self.broker.stop()

@@ -1,0 +1,43 @@
+"""``onpolicy up``: the whole stack on one machine with embedded defaults."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+import time
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("up", help="start the local stack (embedded defaults) and wait for traffic; Ctrl-C stops it")
+    p.add_argument("--duration", type=float, default=None, help="stop by itself after this many seconds")
+    p.set_defaults(func=run_up)
+
+
+def run_up(args) -> int:
+    from deploy.local.stack import Stack
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stack = Stack()
+    try:
+        where = stack.up()
+        width = max(len(k) for k in where)
+        print("\nonpolicy is up:")
+        for k, v in where.items():
+            print(f"  {k:<{width}}  {v}")
+        print("Ctrl-C stops everything (data is kept; run again to resume).", flush=True)
+        deadline = time.monotonic() + args.duration if args.duration else None
+        while not stop.wait(1.0):
+            dead = stack.watch()
+            if dead:
+                print(f"onpolicy: {dead} exited unexpectedly; see {stack.home / 'logs'}", file=sys.stderr)
+                return 1
+            if deadline and time.monotonic() > deadline:
+                break
+    finally:
+        print("stopping...", file=sys.stderr, flush=True)
+        stack.down()
+    return 0
