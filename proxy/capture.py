@@ -1,0 +1,177 @@
+"""Capture: exactly one ``InteractionEvent`` per request, built after the response is finished.
+
+The relay fills an ``Exchange`` as it goes (references to bytes it already has: the request body,
+the parsed request, the response body or the list of stream chunks, timestamps) and calls
+``Capture.record`` once, after the last byte went to the client (or the client left, or the
+upstream failed). ``record`` never raises and never blocks: it parses, assembles and redacts, then
+hands the event to ``EventProducer.emit`` (a spool append).
+
+What is captured of a request that opted out of training (``x-onpolicy-train: false``): the event
+is still emitted (so the request counts in metrics and feedback can still reference its id), with
+``train_opt_out=True`` and **no content**: ``request`` keeps only ``model`` and ``stream``, and
+``response``/``logprobs`` are omitted. Usage, latency, status, finish reasons and routing are kept.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from proxy.redaction import Redactor
+from proxy.sse import assemble
+from streams.events import InteractionEvent
+
+log = logging.getLogger(__name__)
+
+# Request fields that describe how the sample was drawn (copied into ``sampling``).
+SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "max_tokens", "max_completion_tokens", "seed", "n", "stop",
+                 "presence_penalty", "frequency_penalty", "repetition_penalty", "logprobs", "top_logprobs",
+                 "logit_bias", "response_format", "tool_choice", "best_of", "echo")
+
+
+@dataclass(slots=True)
+class Exchange:
+    """One request through the relay: what capture needs, filled on the hot path by reference."""
+
+    endpoint: str
+    interaction_id: str
+    public_model: str
+    request: dict[str, Any]
+    t0: float
+    upstream: str
+    upstream_model: str | None = None
+    adapter_version: str | None = None
+    stream: bool = False
+    episode_id: str | None = None
+    user_id: str | None = None
+    tenant: str | None = None
+    train_opt_out: bool = False
+    status: int = 200
+    body: bytes | None = None  # non-streaming response body as relayed
+    chunks: list[bytes] = field(default_factory=list)  # streaming: the bytes relayed, in order
+    t_first: float | None = None
+    t_end: float | None = None
+    error: str | None = None
+    abandoned: bool = False
+    response: dict[str, Any] | None = None  # set directly by paths that already hold an object (hosted)
+
+
+def _redact_tree(value: Any, redact) -> Any:
+    if type(value) is str:
+        return redact(value)
+    if type(value) is dict:
+        return {k: _redact_tree(v, redact) for k, v in value.items()}
+    if type(value) is list:
+        return [_redact_tree(v, redact) for v in value]
+    return value
+
+
+def _error_message(body: bytes | None, status: int) -> str:
+    if body:
+        try:
+            data = orjson.loads(body)
+            err = data.get("error") if isinstance(data, dict) else None
+            if isinstance(err, dict) and err.get("message"):
+                return str(err["message"])
+            if isinstance(data, dict) and data.get("message"):  # vLLM's older error shape
+                return str(data["message"])
+        except orjson.JSONDecodeError:
+            pass
+        return body[:500].decode(errors="replace")
+    return f"HTTP {status}"
+
+
+class Capture:
+    """Builds and emits the events. ``producer`` is an ``EventProducer`` (or anything with ``emit``)."""
+
+    def __init__(self, producer, redactor: Redactor):
+        self.producer = producer
+        self.redactor = redactor
+        self.emitted = 0
+        self.dropped = 0
+        self.failed = 0  # events that could not be built (a bug); counted and logged, never raised
+
+    def record(self, ex: Exchange) -> None:
+        try:
+            event = self.build(ex)
+        except Exception:
+            self.failed += 1
+            log.exception("could not build the interaction event for %s", ex.interaction_id)
+            return
+        if self.producer.emit(event):
+            self.emitted += 1
+        else:
+            self.dropped += 1
+
+    def build(self, ex: Exchange) -> InteractionEvent:
+        t_end = ex.t_end or time.perf_counter()
+        response: dict[str, Any] | None = ex.response
+        finish: list[str | None] = []
+        usage = None
+        logprobs = None
+        error = ex.error
+        assembled = bool(ex.chunks)
+        if assembled:
+            asm = assemble(ex.endpoint, b"".join(ex.chunks))
+            response, finish, usage, logprobs = asm.response, asm.finish_reasons, asm.usage, asm.logprobs
+            error = error or asm.error
+        elif response is None and ex.body is not None:
+            if ex.status >= 400:
+                error = error or _error_message(ex.body, ex.status)
+            try:
+                parsed = orjson.loads(ex.body)
+                response = parsed if isinstance(parsed, dict) else {"data": parsed}
+            except orjson.JSONDecodeError:
+                response = {"text": ex.body[:10000].decode(errors="replace")}
+        if response is not None and ex.status < 400 and not assembled:
+            choices = response.get("choices")
+            if isinstance(choices, list):
+                finish = [c.get("finish_reason") for c in choices if isinstance(c, dict)]
+                lps = [c.get("logprobs") for c in choices if isinstance(c, dict)]
+                logprobs = lps if any(lp is not None for lp in lps) else None
+            usage = response.get("usage") if isinstance(response.get("usage"), dict) else None
+        req = ex.request
+        sampling = {k: req[k] for k in SAMPLING_KEYS if k in req}
+        if ex.train_opt_out:
+            request_out: dict[str, Any] = {"model": req.get("model"), "stream": ex.stream}
+            response, logprobs = None, None
+        else:
+            redact = self.redactor.redact
+            request_out = _redact_tree(req, redact)
+            if response is not None:
+                response = _redact_tree(response, redact)
+            if logprobs is not None:
+                logprobs = _redact_tree(logprobs, redact)
+            if error:
+                error = redact(error)
+        if usage is not None:
+            usage = {k: usage.get(k) for k in ("prompt_tokens", "completion_tokens", "total_tokens")
+                     if isinstance(usage.get(k), int)}
+        return InteractionEvent(
+            interaction_id=ex.interaction_id,
+            endpoint=ex.endpoint,
+            public_model=ex.public_model,
+            upstream_model=ex.upstream_model,
+            adapter_version=ex.adapter_version,
+            upstream=ex.upstream,
+            request=request_out,
+            response=response,
+            stream=ex.stream,
+            sampling=sampling,
+            usage=usage,
+            latency_first_token_ms=(ex.t_first - ex.t0) * 1000 if ex.t_first is not None else None,
+            latency_total_ms=(t_end - ex.t0) * 1000,
+            http_status=ex.status,
+            error=error,
+            finish_reasons=finish,
+            logprobs=logprobs,
+            abandoned=ex.abandoned,
+            episode_id=ex.episode_id,
+            user_id=ex.user_id,
+            tenant=ex.tenant,
+            train_opt_out=ex.train_opt_out,
+        )

@@ -1,0 +1,56 @@
+"""``onpolicy proxy``: serve the OpenAI-compatible proxy (uvloop, graceful shutdown on SIGTERM/SIGINT)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+log = logging.getLogger(__name__)
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("proxy", help="serve the OpenAI-compatible proxy in front of vLLM",
+                              description="Serve the OpenAI-compatible proxy. Flags override ONPOLICY_PROXY_* env vars, "
+                                          "which override the config file.")
+    p.add_argument("--config", help="config file (YAML, JSON or TOML); also ONPOLICY_PROXY_CONFIG")
+    p.add_argument("--host", help="listen address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="listen port (default 8080)")
+    p.add_argument("--upstream-url", help="vLLM base URL ending in /v1 (default http://127.0.0.1:8000/v1)")
+    p.add_argument("--no-capture", action="store_true", help="serve without emitting interaction events")
+    p.add_argument("--no-follow-control", action="store_true", help="do not read routing from the control topic")
+    p.set_defaults(func=run)
+
+
+def _settings(args: argparse.Namespace):
+    from proxy.settings import ProxySettings
+
+    overrides = {}
+    for flag, name in (("config", "config"), ("host", "host"), ("port", "port"), ("upstream_url", "upstream_url")):
+        value = getattr(args, flag, None)
+        if value is not None:
+            overrides[name] = value
+    if args.no_capture:
+        overrides["capture"] = False
+    if args.no_follow_control:
+        overrides["follow_control"] = False
+    return ProxySettings(**overrides)
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    serve(settings)
+    return 0
+
+
+def serve(settings) -> None:
+    """Run until SIGTERM/SIGINT; then drain in-flight requests for up to shutdown_grace_s."""
+    import uvloop
+    from aiohttp import web
+
+    from proxy.app import create_app
+
+    app = create_app(settings)
+    log.info("onpolicy proxy on http://%s:%d -> %s (capture %s)", settings.host, settings.port, settings.upstream_url,
+             "on" if settings.capture else "off")
+    web.run_app(app, host=settings.host, port=settings.port, access_log=None, print=None,
+                shutdown_timeout=settings.shutdown_grace_s, loop=uvloop.new_event_loop(), handle_signals=True)

@@ -1,0 +1,87 @@
+"""Prometheus metrics of one proxy (its own registry, so tests can build many apps in one process).
+
+Hot-path cost is kept to two dict look-ups and two ``observe`` calls per request: label children are
+cached, and the label values are bounded (at most ``MAX_MODELS`` model names, then ``other``), so a
+client sending random model names cannot grow /metrics without bound.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+MAX_MODELS = 64
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class ProxyMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("onpolicy_proxy_requests_total", "Requests answered, by route, model, version and status.",
+                                ("route", "model", "version", "status"), registry=r)
+        self.latency = Histogram("onpolicy_proxy_request_seconds", "Time from request received to last byte sent.",
+                                 ("route", "model", "version", "status"), buckets=_LATENCY_BUCKETS, registry=r)
+        self.upstream_latency = Histogram("onpolicy_proxy_upstream_seconds", "Time until the upstream's response headers.",
+                                          ("route", "upstream"), buckets=_LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram("onpolicy_proxy_time_to_first_token_seconds", "Streams: time until the first chunk reached the client.",
+                              ("route", "model", "version"), buckets=_LATENCY_BUCKETS, registry=r)
+        self.in_flight = Gauge("onpolicy_proxy_in_flight_requests", "Requests being served now.", registry=r)
+        self.abandoned = Counter("onpolicy_proxy_abandoned_total", "Requests whose client left before the response was complete.",
+                                 ("route",), registry=r)
+        self.upstream_errors = Counter("onpolicy_proxy_upstream_errors_total", "Upstream unreachable, timed out or cut a stream.",
+                                       ("route", "kind"), registry=r)
+        self._children: dict[tuple, tuple] = {}
+        self._models: set[str] = set()
+
+    def _model_label(self, model: str) -> str:
+        if model in self._models:
+            return model
+        if len(self._models) < MAX_MODELS:
+            self._models.add(model)
+            return model
+        return "other"
+
+    def observe(self, route: str, model: str, version: str | None, status: int, seconds: float) -> None:
+        key = (route, model, version, status)
+        pair = self._children.get(key)
+        if pair is None:
+            labels = (route, self._model_label(model), version or "base", str(status))
+            pair = (self.requests.labels(*labels), self.latency.labels(*labels))
+            if len(self._children) < 10_000:
+                self._children[key] = pair
+        pair[0].inc()
+        pair[1].observe(seconds)
+
+
+class CaptureCollector(Collector):
+    """Capture counters read at scrape time (plain ints on the hot path, no locks)."""
+
+    def __init__(self, capture, router, follower=None):
+        self.capture = capture
+        self.router = router
+        self.follower = follower
+
+    def collect(self):
+        if self.capture is not None:
+            for name, help_ in (("emitted", "Interaction events handed to the producer."),
+                                ("dropped", "Interaction events the producer refused (disk and memory budgets full)."),
+                                ("failed", "Interaction events that could not be built (a bug: see the log).")):
+                c = CounterMetricFamily(f"onpolicy_proxy_capture_{name}", help_)
+                c.add_metric([], getattr(self.capture, name))
+                yield c
+            counts = getattr(self.capture.redactor, "counts", {})
+            c = CounterMetricFamily("onpolicy_proxy_redactions", "Strings redacted before capture, by rule.", labels=["rule"])
+            for rule, n in counts.items():
+                c.add_metric([rule], n)
+            yield c
+        g = GaugeMetricFamily("onpolicy_proxy_routing_routes", "Public model names in the routing table.")
+        g.add_metric([], len(self.router.table.routes))
+        yield g
+        g = GaugeMetricFamily("onpolicy_proxy_routing_offset", "Control-topic offset the routing table reflects (-1: none yet).")
+        g.add_metric([], self.router.table.offset)
+        yield g
+        c = CounterMetricFamily("onpolicy_proxy_routing_bad_events", "routing_changed events that could not be applied.")
+        c.add_metric([], self.router.bad_events)
+        yield c
