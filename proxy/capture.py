@@ -60,14 +60,62 @@ class Exchange:
     response: dict[str, Any] | None = None  # set directly by paths that already hold an object (hosted)
 
 
-def _redact_tree(value: Any, redact) -> Any:
-    if type(value) is str:
-        return redact(value)
-    if type(value) is dict:
-        return {k: _redact_tree(v, redact) for k, v in value.items()}
-    if type(value) is list:
-        return [_redact_tree(v, redact) for v in value]
+def _strings(value: Any, out: list[str]) -> None:
+    t = type(value)
+    if t is str:
+        out.append(value)
+    elif t is dict:
+        for v in value.values():
+            _strings(v, out)
+    elif t is list:
+        for v in value:
+            _strings(v, out)
+
+
+def _replace_strings(value: Any, it) -> Any:
+    t = type(value)
+    if t is str:
+        return next(it)
+    if t is dict:
+        return {k: _replace_strings(v, it) for k, v in value.items()}
+    if t is list:
+        return [_replace_strings(v, it) for v in value]
     return value
+
+
+# Joins every string of an event for one redactor call; redactors must not match across it.
+SEPARATOR = "\x00"
+
+
+def redact_all(redactor: Redactor, values: list[Any]) -> list[Any]:
+    """Redact every string inside ``values`` (JSON-like trees) with one ``redactor.redact`` call.
+
+    All strings are joined with NUL (which no JSON string from a client contains unescaped and no
+    default rule matches), redacted once, split back and put where they were. Clean text -- the
+    usual case -- costs one scan per rule and no rebuild.
+    """
+    strings: list[str] = []
+    for v in values:
+        _strings(v, strings)
+    if not strings:
+        return values
+    if any(SEPARATOR in s for s in strings):  # a string with a NUL in it: redact one by one
+        return [_replace_strings(v, iter([redactor.redact(s) for s in _collect(v)])) for v in values]
+    joined = SEPARATOR.join(strings)
+    redacted = redactor.redact(joined)
+    if redacted == joined:
+        return values
+    pieces = redacted.split(SEPARATOR)
+    if len(pieces) != len(strings):  # a custom redactor ate a separator: fall back to one by one
+        pieces = [redactor.redact(s) for s in strings]
+    it = iter(pieces)
+    return [_replace_strings(v, it) for v in values]
+
+
+def _collect(value: Any) -> list[str]:
+    out: list[str] = []
+    _strings(value, out)
+    return out
 
 
 def _error_message(body: bytes | None, status: int) -> str:
@@ -140,14 +188,7 @@ class Capture:
             request_out: dict[str, Any] = {"model": req.get("model"), "stream": ex.stream}
             response, logprobs = None, None
         else:
-            redact = self.redactor.redact
-            request_out = _redact_tree(req, redact)
-            if response is not None:
-                response = _redact_tree(response, redact)
-            if logprobs is not None:
-                logprobs = _redact_tree(logprobs, redact)
-            if error:
-                error = redact(error)
+            request_out, response, logprobs, error = redact_all(self.redactor, [req, response, logprobs, error])
         if usage is not None:
             usage = {k: usage.get(k) for k in ("prompt_tokens", "completion_tokens", "total_tokens")
                      if isinstance(usage.get(k), int)}

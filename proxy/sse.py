@@ -8,6 +8,7 @@ joining the payloads), because per-chunk parse calls cost more than the parsing 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,19 +32,23 @@ def sse_payloads(raw: bytes) -> tuple[list[bytes], bool]:
 
     A trailing event without its blank-line terminator (a cut stream) is ignored: it may be torn.
     """
+    if b"\r" in raw:
+        raw = raw.replace(b"\r\n", b"\n")
+    events = raw.split(b"\n\n")[:-1]  # the last piece is either empty or incomplete
     payloads: list[bytes] = []
     done = False
-    raw = raw.replace(b"\r\n", b"\n")
-    events = raw.split(b"\n\n")
-    for event in events[:-1]:  # the last piece is either empty or incomplete
-        data_lines = [line[5:].lstrip(b" ") for line in event.split(b"\n") if line.startswith(b"data:")]
-        if not data_lines:
-            continue
-        data = b"\n".join(data_lines)
+    for event in events:
+        if event.startswith(b"data: ") and b"\n" not in event:  # the usual shape: one data line
+            data = event[6:]
+        else:
+            lines = [line[5:].lstrip(b" ") for line in event.split(b"\n") if line.startswith(b"data:")]
+            if not lines:
+                continue
+            data = b"\n".join(lines)
         if data == b"[DONE]":
             done = True
-            continue
-        payloads.append(data)
+        else:
+            payloads.append(data)
     return payloads, done
 
 
@@ -60,7 +65,75 @@ def _parse_all(payloads: list[bytes]) -> list[Any]:
         return out
 
 
+_CONTENT = re.compile(rb'"content":"((?:[^"\\]+|\\.)*)"')
+# Anything that needs the general path: several choices, tool calls, logprobs, reasoning, errors,
+# or JSON that is not compact (the byte patterns below assume vLLM's compact separators).
+_NOT_SIMPLE = (b'"tool_calls"', b'"logprobs":{', b'"error"', b'"reasoning', b'"function_call"', b'": ', b'\r')
+
+
+def _fast_chat(raw: bytes) -> Assembled | None:
+    """The common stream -- one choice, text only -- assembled without parsing every chunk: the
+    content strings are cut out of the raw bytes and decoded once; the first and last chunks are
+    parsed for the envelope, the finish reason and usage. None when the stream is not that shape."""
+    if not raw.startswith(b"data: ") or any(marker in raw for marker in _NOT_SIMPLE):
+        return None
+    if raw.count(b'"index":0') != raw.count(b'"index":'):  # more than one choice
+        return None
+    body = raw[6:]
+    parts = body.split(b"\n\ndata: ")
+    last = parts[-1]
+    if not last.endswith(b"\n\n"):
+        parts[-1] = last  # a cut stream: its last event is torn and dropped
+        parts.pop()
+    else:
+        parts[-1] = last[:-2]
+    # every event must be a single data line for the split to have found them all
+    if body.count(b"\n") != 2 * len(parts) or not parts:
+        return None
+    done = parts[-1] == b"[DONE]"
+    if done:
+        parts.pop()
+    if not parts:
+        return None
+    try:
+        head = orjson.loads(parts[0])
+        tail = [orjson.loads(p) for p in parts[-2:]] if len(parts) > 1 else [head]
+        text = orjson.loads(b'"' + b"".join(m.group(1) for m in _CONTENT.finditer(b"\n".join(parts))) + b'"')
+    except orjson.JSONDecodeError:
+        return None
+    finish = None
+    usage = None
+    extra = {}
+    role = "assistant"
+    for ch in (head, *tail):
+        if not isinstance(ch, dict):
+            return None
+        if ch.get("usage"):
+            usage = ch["usage"]
+        for c in ch.get("choices") or ():
+            if (c.get("delta") or {}).get("role"):
+                role = c["delta"]["role"]
+            if c.get("finish_reason") is not None:
+                finish = c["finish_reason"]
+                if c.get("stop_reason") is not None:
+                    extra["stop_reason"] = c["stop_reason"]
+    obj = head.get("object", "")
+    choice = {"index": 0, "message": {"role": role, "content": text or None}, "logprobs": None, "finish_reason": finish,
+              **extra}
+    response = {"id": head.get("id"), "object": obj[: -len(".chunk")] if obj.endswith(".chunk") else obj,
+                "created": head.get("created"), "model": head.get("model"), "choices": [choice], "usage": usage}
+    return Assembled(response=response, finish_reasons=[finish], usage=usage, complete=done)
+
+
 def assemble(endpoint: str, raw: bytes) -> Assembled:
+    if endpoint.endswith("/chat/completions"):
+        fast = _fast_chat(raw)
+        if fast is not None:
+            return fast
+    return assemble_general(endpoint, raw)
+
+
+def assemble_general(endpoint: str, raw: bytes) -> Assembled:
     payloads, done = sse_payloads(raw)
     chunks = _parse_all(payloads)
     if endpoint.endswith("/responses"):
@@ -87,6 +160,14 @@ def _assemble_choices(chunks: list[Any], done: bool, chat: bool) -> Assembled:
             usage = chunk["usage"]
         for c in chunk.get("choices") or ():
             idx = c.get("index", 0)
+            if chat:
+                delta = c.get("delta")
+                # The common chunk: content only. Take it without the general bookkeeping below.
+                if (delta is not None and len(delta) == 1 and "content" in delta and c.get("finish_reason") is None
+                        and not c.get("logprobs") and idx in choices):
+                    if delta["content"]:
+                        choices[idx]["parts"].append(delta["content"])
+                    continue
             acc = choices.get(idx)
             if acc is None:
                 acc = choices[idx] = {"index": idx, "parts": [], "tool_calls": {}, "role": None, "finish_reason": None,
