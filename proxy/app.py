@@ -64,16 +64,32 @@ def create_app(settings: ProxySettings, *, producer: Any | None = None, router: 
         await state.upstream.close()
 
     async def capture_ctx(app: web.Application):
-        owned = None
+        owned = worker = None
         if settings.capture:
-            if state.producer is None:
-                from streams.producer import EventProducer, ProducerCollector
+            if state.producer is None and settings.capture_mode == "process":
+                from proxy.capture_worker import CaptureWorker
 
-                owned = state.producer = EventProducer(settings.kafka, settings.producer)
-                metrics.registry.register(ProducerCollector(owned))
-            state.capture = Capture(state.producer, redactor)
+                stats_path = settings.producer.spool_dir.parent / f"{settings.producer.spool_dir.name}.capture-stats.json"
+                stats_path.parent.mkdir(parents=True, exist_ok=True)
+                config = {"kafka": settings.kafka.model_dump(), "producer": settings.producer.model_dump(mode="json"),
+                          "redactor": settings.redactor, "stats_path": str(stats_path),
+                          "log_level": logging.getLevelName(logging.getLogger().getEffectiveLevel())}
+                worker = CaptureWorker(config, max_queue_bytes=settings.capture_queue_bytes, cpus=settings.capture_worker_cpus,
+                                       stats_path=stats_path)
+                worker.start()
+                state.capture = worker
+                state.producer = worker
+            else:
+                if state.producer is None:
+                    from streams.producer import EventProducer, ProducerCollector
+
+                    owned = state.producer = EventProducer(settings.kafka, settings.producer)
+                    metrics.registry.register(ProducerCollector(owned))
+                state.capture = Capture(state.producer, redactor)
         metrics.registry.register(CaptureCollector(state.capture, state.router))
         yield
+        if worker is not None:
+            await worker.close(timeout_s=15.0)
         if owned is not None:
             # Off the loop: close() waits for the broker to acknowledge what it can.
             await asyncio.to_thread(owned.close, 10.0)

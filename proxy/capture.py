@@ -58,6 +58,7 @@ class Exchange:
     error: str | None = None
     abandoned: bool = False
     response: dict[str, Any] | None = None  # set directly by paths that already hold an object (hosted)
+    request_body: bytes | None = None  # the body as the client sent it (for the capture worker)
 
 
 def _strings(value: Any, out: list[str]) -> None:

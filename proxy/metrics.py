@@ -64,16 +64,40 @@ class CaptureCollector(Collector):
         self.follower = follower
 
     def collect(self):
-        if self.capture is not None:
-            for name, help_ in (("emitted", "Interaction events handed to the producer."),
-                                ("dropped", "Interaction events the producer refused (disk and memory budgets full)."),
+        cap = self.capture
+        if cap is not None:
+            for name, help_ in (("emitted", "Interaction events handed on (to the producer, or to the capture worker)."),
+                                ("dropped", "Interaction events dropped because the capture queue or the producer's budgets were full."),
                                 ("failed", "Interaction events that could not be built (a bug: see the log).")):
                 c = CounterMetricFamily(f"onpolicy_proxy_capture_{name}", help_)
-                c.add_metric([], getattr(self.capture, name))
+                c.add_metric([], getattr(cap, name))
                 yield c
-            counts = getattr(self.capture.redactor, "counts", {})
+            worker_stats = cap.worker_stats() if hasattr(cap, "worker_stats") else None
+            counts = getattr(cap.redactor, "counts", None) if cap.redactor is not None else None
+            if worker_stats is not None:
+                counts = worker_stats.get("redactions", {})
+                g = GaugeMetricFamily("onpolicy_proxy_capture_queue_bytes", "Exchanges waiting for the capture worker (bytes).")
+                g.add_metric([], cap.queue_bytes)
+                yield g
+                for name, help_ in (("restarts", "Capture worker restarts."),
+                                    ("lost", "Capture worker deaths with exchanges inside its pipe (those are lost).")):
+                    c = CounterMetricFamily(f"onpolicy_proxy_capture_worker_{name}", help_)
+                    c.add_metric([], getattr(cap, name))
+                    yield c
+                # The worker's producer, as the in-process ProducerCollector would show it.
+                for name in ("accepted", "sent", "spooled", "replayed", "overflowed", "dropped", "send_failures"):
+                    c = CounterMetricFamily(f"onpolicy_producer_events_{name}", f"Events {name.replace('_', ' ')} by the capture worker's producer.")
+                    c.add_metric([], worker_stats.get(name, 0))
+                    yield c
+                for name in ("spool_bytes", "backlog_bytes"):
+                    g = GaugeMetricFamily(f"onpolicy_producer_{name}", f"Capture worker producer {name.replace('_', ' ')}.")
+                    g.add_metric([], worker_stats.get(name, 0))
+                    yield g
+                g = GaugeMetricFamily("onpolicy_producer_connected", "1 while the producer is delivering to Kafka.")
+                g.add_metric([], 1 if worker_stats.get("connected") else 0)
+                yield g
             c = CounterMetricFamily("onpolicy_proxy_redactions", "Strings redacted before capture, by rule.", labels=["rule"])
-            for rule, n in counts.items():
+            for rule, n in (counts or {}).items():
                 c.add_metric([rule], n)
             yield c
         g = GaugeMetricFamily("onpolicy_proxy_routing_routes", "Public model names in the routing table.")

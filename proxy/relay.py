@@ -111,17 +111,19 @@ async def openai_post(request: web.Request) -> web.StreamResponse:
         from proxy.hosted import serve_hosted
 
         ex = Exchange(route, iid, model, req, t0, upstream="litellm", upstream_model=hosted.litellm_params["model"],
-                      stream=stream, episode_id=episode, user_id=user, tenant=tenant, train_opt_out=opt_out)
+                      stream=stream, episode_id=episode, user_id=user, tenant=tenant, train_opt_out=opt_out,
+                      request_body=body)
         return await serve_hosted(request, st, hosted, req, ex)
 
     res = st.router.resolve(model, episode or user)
+    client_body = body
     if res.upstream_model != model:
         req_out = dict(req)
         req_out["model"] = res.upstream_model
         body = orjson.dumps(req_out)
     ex = Exchange(route, iid, model, req, t0, upstream=st.upstream.name, upstream_model=res.upstream_model,
                   adapter_version=res.adapter_version, stream=stream, episode_id=episode, user_id=user, tenant=tenant,
-                  train_opt_out=opt_out)
+                  train_opt_out=opt_out, request_body=client_body)
     headers = {IID_HEADER: iid}
     if res.adapter_version is not None:
         headers[VERSION_HEADER] = res.adapter_version

@@ -19,7 +19,7 @@ import json
 import os
 import secrets
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -119,6 +119,12 @@ class ProxySettings(BaseSettings):
                                 description="Largest request body accepted; larger gets 413. aiohttp's default (1 MiB) is too small for long prompts.")
 
     capture: bool = Field(default=True, description="Emit one InteractionEvent per request to Kafka (through the spool).")
+    capture_mode: Literal["process", "inline"] = Field(
+        default="process", description="'process': events are built and sent by a capture worker process fed through a pipe "
+        "(the relay's loop only hands bytes over); 'inline': in the proxy process, right after each response.")
+    capture_queue_bytes: int = Field(default=256 * 1024 * 1024, ge=0,
+                                     description="Process mode: memory for exchanges waiting while the worker's pipe is full; past it they are dropped and counted.")
+    capture_worker_cpus: str | None = Field(default=None, description="Process mode: pin the capture worker to these CPUs (taskset list, e.g. '1'), away from the relay.")
     redactor: str = Field(default="proxy.redaction:default_redactor",
                           description="'module:factory' returning a Redactor; applied before an event leaves the proxy. 'none' disables redaction.")
     follow_control: bool = Field(default=True, description="Build the routing table from the control topic; off: names always pass through.")

@@ -1,0 +1,326 @@
+"""Capture in its own process, so the relay's event loop only pays for handing bytes over.
+
+Why: building an event (SSE assembly, redaction, serialization) and sending it (the spool plus
+kafka-python's sender thread) costs more CPU than relaying the request, and in the relay's process
+it competes for the GIL with the event loop. So the proxy writes each finished exchange -- the raw
+request body, the raw response bytes and a few fields -- as one frame to a pipe (a non-blocking
+``write(2)``), and a child process (``python -m proxy.capture_worker``) builds the
+``InteractionEvent`` and calls ``EventProducer.emit`` (its own spool directory).
+
+Frame: ``meta length u32 | request length u32 | response length u32`` (little endian), then the
+meta JSON (the ``Exchange`` fields), the request body as the client sent it, and the response body
+(or the stream's bytes as relayed, or the JSON of a response object).
+
+Delivery promises, in order:
+- the handover never blocks the relay: if the pipe is full, frames queue in memory (bounded by
+  ``capture_queue_bytes``, shown as the capture queue depth in /metrics); past that they are
+  dropped and counted -- the request itself is never affected;
+- if the proxy is killed, the worker still reads every frame already in the pipe, emits it, then
+  flushes its producer and exits (EOF on the pipe is its signal);
+- if the worker dies, the proxy starts a new one; the frames that were inside the old pipe (at most
+  the pipe's buffer, 1 MiB) are lost, and counted as lost when the death is noticed;
+- once the worker emitted an event it is in the worker's spool: from there the producer's own
+  promises hold (survives SIGKILL, replayed on the next start).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import fcntl
+import json
+import logging
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from proxy.capture import Exchange
+
+log = logging.getLogger(__name__)
+
+FRAME = struct.Struct("<III")
+PIPE_BYTES = 1 << 20
+_F_SETPIPE_SZ = 1031
+_META_FIELDS = ("endpoint", "interaction_id", "public_model", "t0", "upstream", "upstream_model", "adapter_version",
+                "stream", "episode_id", "user_id", "tenant", "train_opt_out", "status", "t_first", "t_end", "error",
+                "abandoned")
+
+
+def pack(ex: Exchange, request_body: bytes) -> bytes:
+    meta = {name: getattr(ex, name) for name in _META_FIELDS}
+    if ex.response is not None:
+        response, meta["kind"] = orjson.dumps(ex.response), "object"
+    elif ex.body is not None:
+        response, meta["kind"] = ex.body, "body"
+    else:
+        response, meta["kind"] = b"".join(ex.chunks), "chunks"
+    meta_b = orjson.dumps(meta)
+    return b"".join((FRAME.pack(len(meta_b), len(request_body), len(response)), meta_b, request_body, response))
+
+
+def unpack(meta_b: bytes, request_body: bytes, response: bytes) -> Exchange:
+    meta = orjson.loads(meta_b)
+    kind = meta.pop("kind")
+    try:
+        request = orjson.loads(request_body)
+        if not isinstance(request, dict):
+            request = {"body": request}
+    except orjson.JSONDecodeError:
+        request = {"body": request_body[:10000].decode(errors="replace")}
+    ex = Exchange(request=request, **{k: meta[k] for k in _META_FIELDS})
+    if kind == "object":
+        ex.response = orjson.loads(response)
+    elif kind == "body":
+        ex.body = response
+    elif response:
+        ex.chunks = [response]
+    return ex
+
+
+class CaptureWorker:
+    """The proxy's side: starts the worker process and hands it frames without ever blocking.
+
+    Has the same ``record(ex)`` as ``Capture`` plus ``request_body`` in the Exchange's place: the
+    relay calls ``record(ex)`` and this packs ``ex.request_body``.
+    """
+
+    def __init__(self, config: dict[str, Any], *, max_queue_bytes: int, cpus: str | None = None,
+                 stats_path: Path | None = None):
+        self.config = config
+        self.max_queue_bytes = max_queue_bytes
+        self.cpus = cpus
+        self.stats_path = stats_path
+        self.emitted = 0  # handed to the worker
+        self.dropped = 0  # queue over its budget
+        self.failed = 0  # could not be packed (a bug)
+        self.lost = 0  # inside a dead worker's pipe
+        self.restarts = 0
+        self.redactor = None  # redaction runs in the worker; its counts come from the stats file
+        self._queue: collections.deque[memoryview] = collections.deque()
+        self._queue_bytes = 0
+        self._partial = False  # the queue's head is the rest of a frame already partly in the pipe
+        self._in_pipe = 0  # bytes written since the last time the worker was known to be alive
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._writer_armed = False
+        self._proc: subprocess.Popen | None = None
+        self._fd = -1
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._spawn()
+
+    def _spawn(self) -> None:
+        r, w = os.pipe()
+        try:
+            fcntl.fcntl(w, _F_SETPIPE_SZ, PIPE_BYTES)
+        except OSError:
+            pass  # a smaller pipe only means the in-memory queue is used sooner
+        os.set_blocking(w, False)
+        env = dict(os.environ, ONPOLICY_CAPTURE_WORKER_CONFIG=json.dumps(self.config))
+        cmd = [sys.executable, "-m", "proxy.capture_worker", str(r)]
+        if self.cpus:
+            cmd = ["taskset", "-c", self.cpus, *cmd]
+        # Its own session: a Ctrl-C or SIGTERM to the proxy's process group must not kill the worker
+        # before it has drained the pipe; it exits on EOF once the proxy closed its end.
+        self._proc = subprocess.Popen(cmd, pass_fds=(r,), start_new_session=True, env=env)
+        os.close(r)
+        self._fd = w
+        self._in_pipe = 0
+        log.info("capture worker started (pid %d)", self._proc.pid)
+
+    async def close(self, timeout_s: float = 15.0) -> None:
+        """Hand over what is queued (up to ``timeout_s``), close the pipe, let the worker flush and exit."""
+        deadline = time.monotonic() + timeout_s
+        while self._queue and time.monotonic() < deadline:
+            self._flush()
+            if self._queue:
+                await asyncio.sleep(0.01)
+        if self._writer_armed and self._loop is not None:
+            self._loop.remove_writer(self._fd)
+            self._writer_armed = False
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        if self._proc is not None:
+            proc = self._proc
+            try:
+                await asyncio.wait_for(asyncio.to_thread(proc.wait), max(1.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                log.warning("capture worker (pid %d) still flushing after %.0fs; leaving it to finish", proc.pid, timeout_s)
+
+    # -- the hot path ----------------------------------------------------------------------
+    def record(self, ex: Exchange) -> None:
+        try:
+            frame = pack(ex, ex.request_body or b"")
+        except Exception:
+            self.failed += 1
+            log.exception("could not pack the exchange %s for capture", ex.interaction_id)
+            return
+        if self._queue:
+            self._enqueue(frame)
+            return
+        try:
+            n = os.write(self._fd, frame)
+        except BlockingIOError:
+            n = 0
+        except (BrokenPipeError, OSError):
+            self._worker_died()
+            self._enqueue(frame)
+            self._flush()
+            return
+        self.emitted += 1
+        self._in_pipe += n
+        if n < len(frame):
+            self._queue.append(memoryview(frame)[n:])
+            self._queue_bytes += len(frame) - n
+            self._partial = n > 0
+            self._arm_writer()
+
+    def _enqueue(self, frame: bytes) -> None:
+        if self._queue_bytes + len(frame) > self.max_queue_bytes:
+            self.dropped += 1
+            return
+        self._queue.append(memoryview(frame))
+        self._queue_bytes += len(frame)
+        self.emitted += 1
+        self._arm_writer()
+
+    def _arm_writer(self) -> None:
+        if not self._writer_armed and self._loop is not None and self._fd >= 0:
+            self._loop.add_writer(self._fd, self._flush)
+            self._writer_armed = True
+
+    def _flush(self) -> None:
+        while self._queue:
+            head = self._queue[0]
+            try:
+                n = os.write(self._fd, head)
+            except BlockingIOError:
+                return
+            except (BrokenPipeError, OSError):
+                self._worker_died()
+                continue
+            self._in_pipe += n
+            self._queue_bytes -= n
+            if n < len(head):
+                self._queue[0] = head[n:]
+                self._partial = True
+                return
+            self._queue.popleft()
+            self._partial = False
+        if self._writer_armed and self._loop is not None:
+            self._loop.remove_writer(self._fd)
+            self._writer_armed = False
+
+    def _worker_died(self) -> None:
+        code = self._proc.poll() if self._proc is not None else None
+        log.error("capture worker exited (status %s); starting a new one; frames inside its pipe are lost", code)
+        if self._writer_armed and self._loop is not None:
+            self._loop.remove_writer(self._fd)
+            self._writer_armed = False
+        try:
+            os.close(self._fd)
+        except OSError:
+            pass
+        if self._partial and self._queue:  # the rest of a frame whose start died with the pipe
+            self._queue_bytes -= len(self._queue.popleft())
+            self._partial = False
+        self.lost += 1 if self._in_pipe else 0
+        self.restarts += 1
+        self._spawn()
+        self._arm_writer()
+
+    # -- observability ---------------------------------------------------------------------
+    @property
+    def queue_bytes(self) -> int:
+        return self._queue_bytes
+
+    @property
+    def connected(self) -> bool:
+        return bool(self.worker_stats().get("connected"))
+
+    def worker_stats(self) -> dict[str, Any]:
+        if self.stats_path is None:
+            return {}
+        try:
+            return json.loads(self.stats_path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+
+# -- the worker process ------------------------------------------------------------------------
+def _read_exact(f, n: int) -> bytes:
+    data = f.read(n)
+    return data if data is not None else b""
+
+
+def worker_main(fd: int, config: dict[str, Any]) -> int:
+    # The proxy decides when we stop (by closing the pipe); signals aimed at its group are not for us.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logging.basicConfig(level=config.get("log_level", "INFO"), format="%(asctime)s %(levelname)s capture-worker: %(message)s")
+    from proxy.capture import Capture
+    from proxy.redaction import load_redactor
+    from streams.producer import EventProducer
+    from streams.settings import KafkaSettings, ProducerSettings
+
+    producer = EventProducer(KafkaSettings(**config["kafka"]), ProducerSettings(**config["producer"]))
+    capture = Capture(producer, load_redactor(config["redactor"]))
+    stats_path = Path(config["stats_path"])
+
+    def write_stats() -> None:
+        st = producer.stats()
+        st.update(connected=producer.connected, capture_emitted=capture.emitted, capture_dropped=capture.dropped,
+                  capture_failed=capture.failed, redactions=getattr(capture.redactor, "counts", {}), pid=os.getpid())
+        tmp = stats_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(st))
+        os.replace(tmp, stats_path)
+
+    import threading
+
+    done = threading.Event()
+
+    def stats_loop() -> None:
+        while not done.wait(1.0):
+            try:
+                write_stats()
+            except OSError:
+                pass
+
+    threading.Thread(target=stats_loop, name="capture-stats", daemon=True).start()
+    f = os.fdopen(fd, "rb", buffering=PIPE_BYTES)
+    try:
+        while True:
+            head = _read_exact(f, FRAME.size)
+            if len(head) < FRAME.size:
+                break  # EOF: the proxy closed its end (or died)
+            meta_len, req_len, resp_len = FRAME.unpack(head)
+            body = _read_exact(f, meta_len + req_len + resp_len)
+            if len(body) < meta_len + req_len + resp_len:
+                log.error("the pipe ended inside a frame (the proxy died mid-write); that exchange is lost")
+                break
+            try:
+                ex = unpack(body[:meta_len], body[meta_len:meta_len + req_len], body[meta_len + req_len:])
+            except Exception:
+                capture.failed += 1
+                log.exception("could not unpack a capture frame")
+                continue
+            capture.record(ex)
+    finally:
+        done.set()
+        write_stats()
+        producer.close(timeout_s=float(config.get("close_timeout_s", 10.0)))
+        write_stats()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(worker_main(int(sys.argv[1]), json.loads(os.environ["ONPOLICY_CAPTURE_WORKER_CONFIG"])))
