@@ -38,7 +38,8 @@ class EnvironmentSettings:
     pools: PoolSettings = field(default_factory=PoolSettings)
     synth: SynthSettings = field(default_factory=SynthSettings)
     paraphrase: ParaphraseSettings = field(default_factory=ParaphraseSettings)
-    min_prompts: int = 5
+    # A family with a handful of distinct prompts asked thousands of times is still worth replaying.
+    min_prompts: int = 1
 
 
 @dataclass

@@ -27,7 +27,6 @@ import numpy as np
 from learner.types import PromptRecord, Trajectory, messages_key, stable_hash
 
 _TOKEN = re.compile(r"[a-z0-9]+")
-_PRIME = (1 << 61) - 1
 
 
 def prompt_text(messages: Sequence[dict]) -> str:
@@ -59,16 +58,15 @@ class MinHashLSH:
         self.bands, self.rows = bands, rows
         rng = np.random.default_rng(seed)
         n = bands * rows
-        self.a = rng.integers(1, _PRIME, size=n, dtype=np.uint64)
-        self.b = rng.integers(0, _PRIME, size=n, dtype=np.uint64)
+        # multiply-shift hashing: (a*x + b) mod 2^64, top 32 bits; a odd. uint64 arrays wrap silently.
+        self.a = rng.integers(0, 1 << 63, size=n, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+        self.b = rng.integers(0, 1 << 63, size=n, dtype=np.uint64)
 
     def signature(self, sh: set[str]) -> np.ndarray:
         if not sh:
             return np.zeros(self.bands * self.rows, dtype=np.uint64)
         x = np.fromiter((zlib.crc32(s.encode()) for s in sh), dtype=np.uint64, count=len(sh))
-        # (a*x + b) mod p with x < 2^32 and a < 2^61 would overflow 64 bits: fold a to 29 bits so
-        # the product stays below 2^61; the hash family stays universal enough for banding.
-        h = ((self.a[:, None] & np.uint64((1 << 29) - 1)) * x[None, :] + self.b[:, None]) % np.uint64(_PRIME)
+        h = (self.a[:, None] * x[None, :] + self.b[:, None]) >> np.uint64(32)
         return h.min(axis=1)
 
     def band_keys(self, sig: np.ndarray) -> list[bytes]:

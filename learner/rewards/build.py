@@ -176,3 +176,40 @@ class _Unfitted(Reward):
 
     def params(self):
         return {"unfitted": True}
+
+
+@dataclass
+class Rebuild:
+    """Everything one rebuild produced, with the seconds each stage took."""
+
+    trajectories: object
+    environments: EnvironmentSet
+    rewards: dict[str, FamilyRewards]
+    timings: dict[str, float]
+
+
+def rebuild_from_warehouse(warehouse, query=None, env_settings=None, reward_settings: RewardSettings | None = None,
+                           encoder=None, save: bool = True) -> Rebuild:
+    """Load trajectories, build environments and rewards, validate, and (``save``) store them all.
+
+    Stage order is also the durability order: environments are written before the rewards that
+    name their versions.
+    """
+    from learner.environments import build_environments
+    from learner.environments.embedding import default_encoder
+    from learner.environments.store import save_environments
+    from learner.trajectories import load_trajectories
+
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    tset = load_trajectories(warehouse, query)
+    timings["load_trajectories"] = time.perf_counter() - t0
+    encoder = encoder or default_encoder()
+    envset = build_environments(tset.trajectories, env_settings, encoder, timings)
+    rewards = build_rewards(envset, tset.trajectories, reward_settings, encoder, timings)
+    if save:
+        t0 = time.perf_counter()
+        save_environments(warehouse, envset)
+        save_rewards(warehouse, rewards)
+        timings["store"] = time.perf_counter() - t0
+    return Rebuild(tset, envset, rewards, timings)

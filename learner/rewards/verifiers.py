@@ -164,6 +164,15 @@ CONSTRAINT_PATTERNS: list[tuple[str, re.Pattern]] = [
 ]
 
 
+def _prompt_instructions(prompt: PromptLike) -> str:
+    """System/developer messages and the last user message: where instructions live."""
+    parts = [m.get("content") for m in prompt.messages if m.get("role") in ("system", "developer")]
+    users = [m.get("content") for m in prompt.messages if m.get("role") == "user"]
+    if users:
+        parts.append(users[-1])
+    return "\n".join(p for p in parts if isinstance(p, str))
+
+
 def mine_constraints(text: str) -> list[dict[str, Any]]:
     out = []
     for kind, pat in CONSTRAINT_PATTERNS:
@@ -204,7 +213,9 @@ def check_constraint(c: dict[str, Any], text: str) -> bool:
 
 
 class FormatVerifier(Reward):
-    """1 if the answer meets every mined constraint, 0 if it breaks one."""
+    """1 if the answer meets every constraint its own prompt states, 0 if it breaks one; None when
+    the prompt states none of the family's mined constraints (a family found by embeddings can mix
+    prompts that ask for "the number only" with prompts that do not)."""
 
     kind = "format"
 
@@ -217,7 +228,11 @@ class FormatVerifier(Reward):
     def score(self, prompt: PromptLike, completion: Completion) -> float | None:
         if completion.tool_calls and not completion.text:
             return None
-        return 1.0 if all(check_constraint(c, completion.text) for c in self.constraints) else 0.0
+        stated = mine_constraints(_prompt_instructions(prompt))
+        active = [c for c in self.constraints if c in stated]
+        if not active:
+            return None
+        return 1.0 if all(check_constraint(c, completion.text) for c in active) else 0.0
 
     def params(self) -> dict[str, Any]:
         return {"constraints": self.constraints}
@@ -254,7 +269,7 @@ class LengthReward(Reward):
         return {"scale": self.scale}
 
 
-def propose_verifiers(family: TaskFamily, trajectories: Sequence[Trajectory], majority: float = 0.5,
+def propose_verifiers(family: TaskFamily, trajectories: Sequence[Trajectory], majority: float = 0.2,
                       include_length_control: bool = True) -> list[Reward]:
     """Verifiers suggested by what the family's requests asked for (see the module docstring)."""
     fid = family.family_id
@@ -273,14 +288,15 @@ def propose_verifiers(family: TaskFamily, trajectories: Sequence[Trajectory], ma
     tools = next((t.tools for t in trajectories if t.tools), None)
     if tools:
         out.append(ToolCallVerifier(fid, tools))
-    # constraints: from the system prompt, or from user messages when most prompts carry them
+    # constraints stated in system prompts or user messages of at least ``majority`` of the family
     found: Counter[str] = Counter()
     by_key: dict[str, dict] = {}
-    for t in trajectories:
-        for c in {json.dumps(c, sort_keys=True) for c in mine_constraints(t.system_prompt + "\n" + t.last_user_text)}:
+    sample = trajectories[:: max(1, len(trajectories) // 5000)]  # mining 5k prompts finds any common constraint
+    for t in sample:
+        for c in {json.dumps(c, sort_keys=True) for c in mine_constraints(_prompt_instructions(t))}:
             found[c] += 1
             by_key[c] = json.loads(c)
-    constraints = [by_key[k] for k, n in sorted(found.items()) if n / len(trajectories) >= majority]
+    constraints = [by_key[k] for k, n in sorted(found.items()) if n / len(sample) >= majority]
     if any(c["type"] == "json_only" for c in constraints) and not any(isinstance(r, JsonParseVerifier) for r in out):
         out.append(JsonParseVerifier(fid))
     constraints = [c for c in constraints if c["type"] != "json_only"]

@@ -210,7 +210,8 @@ def simulate(n: int, seed: int = 0, tasks: Iterable[Any] | None = None, tenants:
 
     def emit(task, req: dict, ts: dt.datetime, tenant: str, user: str, opt_out: bool, episode: str | None,
              iid: str) -> str:
-        text = task.respond(req, rng)
+        # our families call their fake policy respond(); learner.demo_tasks calls it synthetic_answer()
+        text = task.respond(req, rng) if hasattr(task, "respond") else task.synthetic_answer(req, rng)
         ev = InteractionEvent(
             interaction_id=iid, ts=ts, endpoint="/v1/chat/completions", public_model="demo",
             upstream_model="demo-base", request={**req, "model": "demo"},
