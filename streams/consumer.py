@@ -64,8 +64,10 @@ class BatchConsumer:
             max_partition_fetch_bytes=16 * 1024 * 1024,
             # A slow handler (a warehouse outage) must not get this member kicked out of the group.
             max_poll_interval_ms=600_000,
-            session_timeout_ms=30_000,
-            heartbeat_interval_ms=3_000,
+            # A killed member's partitions move to a restarted one after this long (Kafka's minimum
+            # is group.min.session.timeout.ms = 6 s).
+            session_timeout_ms=10_000,
+            heartbeat_interval_ms=2_000,
         )
         consumer.subscribe(self.topics)
         return consumer

@@ -42,7 +42,7 @@ def ensure_topics(kafka: KafkaSettings, topics: tuple[Topic, ...] = ALL, timeout
     from kafka.admin import NewTopic
     from kafka.errors import TopicAlreadyExistsError
 
-    wait_for_broker(kafka, timeout_s=min(timeout_s, 10.0))
+    wait_for_broker(kafka, timeout_s=min(timeout_s, 5.0))
     admin = KafkaAdminClient(bootstrap_servers=kafka.servers, client_id=f"{kafka.client_id}-admin",
                              request_timeout_ms=int(timeout_s * 1000))
     try:

@@ -113,6 +113,8 @@ class Spool:
         # Never append to a segment written by an earlier process: its tail may be torn.
         self._active = max(self._sizes, default=0) + 1
         self._fd = self._open_segment(self._active)
+        self._acked = self._normalize(self._acked)
+        self._delete_delivered(self._acked)
         self._dirty = False
         self._closed = False
         self._stop = threading.Event()
@@ -272,12 +274,27 @@ class Spool:
     # -- acknowledgement -------------------------------------------------------------------
     def ack(self, pos: Position) -> None:
         """Everything before ``pos`` is delivered: persist it and delete fully delivered segments."""
+        with self._lock:
+            pos = self._normalize(pos)
         if pos <= self._acked:
             return
         self._acked = pos
         tmp = self.dir / "acked.tmp"
         tmp.write_text(f"{pos.segment} {pos.offset}\n")
         os.replace(tmp, self.dir / "acked")
+        self._delete_delivered(pos)
+
+    def _normalize(self, pos: Position) -> Position:
+        # A position at the end of a finished segment is the start of the next one, so that
+        # "acked == end" means "nothing pending" across rotations and restarts.
+        while pos.segment != self._active and pos.offset >= self._sizes.get(pos.segment, 0):
+            later = [n for n in self._sizes if n > pos.segment]
+            if not later:
+                break
+            pos = Position(min(later), 0)
+        return pos
+
+    def _delete_delivered(self, pos: Position) -> None:
         with self._lock:
             done = [n for n in self._sizes if n < pos.segment or (n == pos.segment and n != self._active
                                                                      and pos.offset >= self._sizes[n])]

@@ -1,0 +1,126 @@
+"""The CPU LoRA bug (vllm-project/vllm PRs #48421, #49656) and onpolicy's plugin that fixes it; the
+tiny demo model in vLLM against transformers + peft.
+
+Two real vLLM servers serve the tiny model with ``--max-loras 1`` (the only adapter slot is the
+last one, so every mixed batch hits the bug): one without any vLLM plugin (``VLLM_PLUGINS=""``),
+one with the onpolicy plugin. A base request sent together with an adapter request must produce
+what it produces alone.
+
+``test_bug_reproduces_without_the_plugin`` fails on purpose the day vLLM fixes the bug upstream:
+then delete ``deploy/vllm/onpolicy_vllm/cpu_lora_fix.py`` and this test.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+
+import pytest
+
+from tests.vllm_fixtures import chat_ids, concurrent_chats, load_adapter
+
+pytestmark = pytest.mark.slow
+
+MAX_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def tiny_servers(tiny_model, vllm_settings, tmp_path_factory):
+    """(fixed, unfixed): the tiny model with and without the plugin, started in parallel."""
+    from learner.serving import ServingSettings, VllmServer
+
+    settings = ServingSettings(**{**vllm_settings.model_dump(), "max_loras": 1, "kv_cache_gib": 0.5,
+                                  "max_model_len": 256, "tool_calling": False})
+    fixed = VllmServer(tiny_model.path, tiny_model.served_name, settings, name="vllm-tiny-plugin")
+    unfixed = VllmServer(tiny_model.path, tiny_model.served_name, settings, name="vllm-tiny-noplugin",
+                         extra_env={"VLLM_PLUGINS": ""})  # an allow-list naming no plugin: none load
+    errors = []
+
+    def start(server):
+        try:
+            server.start()
+        except Exception as exc:  # noqa: BLE001 - re-raised below in the test thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start, args=(s,)) for s in (fixed, unfixed)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    try:
+        if errors:
+            raise errors[0]
+        yield fixed, unfixed
+    finally:
+        fixed.stop()
+        unfixed.stop()
+
+
+@pytest.fixture(scope="module")
+def tiny_adapter(tiny_model, make_adapter):
+    return make_adapter(tiny_model.path, seed=11, scale=30.0)
+
+
+@pytest.fixture(scope="module")
+def chats():
+    from learner.demo_tasks import ArithmeticTask, FormatTask
+
+    rng = random.Random(3)
+    return [r["messages"] for r in ArithmeticTask().requests(rng, 3) + FormatTask().requests(rng, 3)]
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_servers, tiny_adapter):
+    for server in tiny_servers:
+        load_adapter(server.base_url, "tiny-a1-v0001", tiny_adapter)
+    return "tiny-a1-v0001"
+
+
+def test_plugin_runs_in_every_vllm_process(tiny_servers):
+    fixed, unfixed = tiny_servers
+    applied = [line for line in fixed.log_path.read_text().splitlines() if "onpolicy CPU LoRA fix applied" in line]
+    # The API server and the engine core (which runs the model on CPU) each apply it once.
+    tags = {line.split(")", 1)[0] for line in applied}
+    assert len(tags) >= 2, f"plugin applied in {tags}; expected the API server and the engine process"
+    assert "onpolicy CPU LoRA fix applied" not in unfixed.log_path.read_text()
+
+
+def test_tiny_model_base_matches_transformers(tiny_servers, tiny_model, chats):
+    from learner.models.reference import greedy_chats
+
+    expected = greedy_chats(tiny_model.path, chats, MAX_TOKENS)
+    got = [chat_ids(tiny_servers[0].base_url, tiny_model.served_name, c, MAX_TOKENS) for c in chats]
+    assert got == expected
+
+
+def test_tiny_model_adapter_matches_transformers_peft(tiny_servers, tiny_model, tiny_adapter, loaded, chats):
+    from learner.models.reference import greedy_chats
+
+    base = greedy_chats(tiny_model.path, chats, MAX_TOKENS)
+    expected = greedy_chats(tiny_model.path, chats, MAX_TOKENS, adapter_path=tiny_adapter)
+    assert expected != base, "the test adapter must change the output, or this test proves nothing"
+    got = [chat_ids(tiny_servers[0].base_url, loaded, c, MAX_TOKENS) for c in chats]
+    assert got == expected
+
+
+def _mixed_batch_mismatches(server, base_model: str, adapter: str, chats) -> int:
+    solo = [chat_ids(server.base_url, base_model, c, MAX_TOKENS) for c in chats]
+    wrong = 0
+    for i, c in enumerate(chats):
+        # The base request and an adapter request in flight together: one batch, two kinds of rows.
+        base_out, _ = concurrent_chats(server.base_url, [(base_model, c), (adapter, chats[(i + 1) % len(chats)])], MAX_TOKENS)
+        wrong += base_out != solo[i]
+    return wrong
+
+
+def test_bug_reproduces_without_the_plugin(tiny_servers, tiny_model, loaded, chats):
+    wrong = _mixed_batch_mismatches(tiny_servers[1], tiny_model.served_name, loaded, chats)
+    assert wrong > 0, (
+        "base requests batched with an adapter request now match their solo output WITHOUT the plugin: "
+        "vLLM fixed the CPU LoRA bug upstream (PRs #48421/#49656). Remove deploy/vllm/onpolicy_vllm/cpu_lora_fix.py "
+        "and this test."
+    )
+
+
+def test_plugin_fixes_mixed_batches(tiny_servers, tiny_model, loaded, chats):
+    assert _mixed_batch_mismatches(tiny_servers[0], tiny_model.served_name, loaded, chats) == 0
