@@ -192,10 +192,10 @@ class LearnedRewardModel(Reward):
             tr, te = folds != k, folds == k
             if y_arr[tr].all() or (~y_arr[tr]).all():
                 continue
-            m = LogisticRegression(C=C, solver="liblinear", dual=True, max_iter=1000).fit(x[tr], y_arr[tr])
+            m = LogisticRegression(C=C, solver="liblinear", dual=True, max_iter=1000, random_state=seed).fit(x[tr], y_arr[tr])
             oof[te] = m.decision_function(x[te])
         platt_model = LogisticRegression(C=1e4, solver="lbfgs").fit(oof[:, None], y_arr)
-        full = LogisticRegression(C=C, solver="liblinear", dual=True, max_iter=1000).fit(x, y_arr)
+        full = LogisticRegression(C=C, solver="liblinear", dual=True, max_iter=1000, random_state=seed).fit(x, y_arr)
         coef = full.coef_[0]
         return cls(family_id, coef, float(full.intercept_[0]),
                    (float(platt_model.coef_[0][0]), float(platt_model.intercept_[0])),

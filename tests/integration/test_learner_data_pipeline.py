@@ -4,7 +4,6 @@ simulated users that know the truth (tests/unit/learner_fixtures.py)."""
 from __future__ import annotations
 
 import datetime as dt
-import random
 
 import numpy as np
 import orjson
@@ -256,4 +255,3 @@ def test_demo_tasks_families_with_minilm(warehouse):
     arith = next(iter(by_kind["arith"]))
     fmt = next(r for r in result.rewards[arith].combined.components if r.reward.kind == "format")
     assert fmt.reward.params()["constraints"] == [{"type": "number_only"}]
-    random.Random(0)  # (rng unused: simulate is seeded)
