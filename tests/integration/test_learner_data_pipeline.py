@@ -105,8 +105,15 @@ def test_opted_out_traffic_never_reaches_a_pool_or_a_reward(warehouse):
     assert not private & set(result.environments.assignment.family_of)
 
 
-@pytest.fixture
-def simulated(warehouse):
+@pytest.fixture(scope="module")
+def simulated(chdb_path):
+    """One build shared by the read-only tests below: a migrated database of its own in the session's
+    embedded ClickHouse (the same data path as the ``warehouse`` fixture; chdb allows one per process)."""
+    from streams.settings import WarehouseSettings
+    from streams.warehouse import Warehouse
+
+    warehouse = Warehouse(WarehouseSettings(url=f"chdb://{chdb_path}", database="m_learner_simulated"))
+    warehouse.migrate()
     events, truth = simulate(6000, seed=5)
     warehouse.insert_events(events)
     return warehouse, truth, _rebuild(warehouse)
