@@ -73,6 +73,7 @@ def create_app(settings: ProxySettings, *, producer: Any | None = None, router: 
                 stats_path.parent.mkdir(parents=True, exist_ok=True)
                 config = {"kafka": settings.kafka.model_dump(), "producer": settings.producer.model_dump(mode="json"),
                           "redactor": settings.redactor, "stats_path": str(stats_path),
+                          "max_event_bytes": settings.capture_max_event_bytes,
                           "log_level": logging.getLevelName(logging.getLogger().getEffectiveLevel())}
                 worker = CaptureWorker(config, max_queue_bytes=settings.capture_queue_bytes, cpus=settings.capture_worker_cpus,
                                        stats_path=stats_path)
@@ -85,7 +86,7 @@ def create_app(settings: ProxySettings, *, producer: Any | None = None, router: 
 
                     owned = state.producer = EventProducer(settings.kafka, settings.producer)
                     metrics.registry.register(ProducerCollector(owned))
-                state.capture = Capture(state.producer, redactor)
+                state.capture = Capture(state.producer, redactor, settings.capture_max_event_bytes)
         metrics.registry.register(CaptureCollector(state.capture, state.router))
         yield
         if worker is not None:

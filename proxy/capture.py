@@ -134,12 +134,35 @@ def _error_message(body: bytes | None, status: int) -> str:
     return f"HTTP {status}"
 
 
-class Capture:
-    """Builds and emits the events. ``producer`` is an ``EventProducer`` (or anything with ``emit``)."""
+def _truncate_strings(value: Any, max_chars: int) -> Any:
+    t = type(value)
+    if t is str:
+        if len(value) > max_chars:
+            return value[:max_chars] + f"...[truncated {len(value) - max_chars} chars]"
+        return value
+    if t is dict:
+        return {k: _truncate_strings(v, max_chars) for k, v in value.items()}
+    if t is list:
+        return [_truncate_strings(v, max_chars) for v in value]
+    return value
 
-    def __init__(self, producer, redactor: Redactor):
+
+# Marks a captured request whose long strings were cut to fit the event size limit.
+TRUNCATED_KEY = "x_onpolicy_truncated"
+
+
+class Capture:
+    """Builds and emits the events. ``producer`` is an ``EventProducer`` (or anything with ``emit``).
+
+    Events are kept under ``max_event_bytes`` (Kafka refuses records over its message size, 1 MB by
+    default): when the raw request and response are bigger, every string longer than a share of the
+    limit is cut, with a note, and the request gets ``"x_onpolicy_truncated": true``.
+    """
+
+    def __init__(self, producer, redactor: Redactor, max_event_bytes: int = 900_000):
         self.producer = producer
         self.redactor = redactor
+        self.max_event_bytes = max_event_bytes
         self.emitted = 0
         self.dropped = 0
         self.failed = 0  # events that could not be built (a bug); counted and logged, never raised
@@ -185,6 +208,12 @@ class Capture:
             usage = response.get("usage") if isinstance(response.get("usage"), dict) else None
         req = ex.request
         sampling = {k: req[k] for k in SAMPLING_KEYS if k in req}
+        size = len(ex.request_body or b"") + len(ex.body or b"") + sum(len(c) for c in ex.chunks)
+        if size > self.max_event_bytes:
+            n = len(_collect(req)) + len(_collect(response)) + len(_collect(logprobs)) + 1
+            max_chars = max(256, self.max_event_bytes // (2 * n))
+            req, response, logprobs = (_truncate_strings(v, max_chars) for v in (req, response, logprobs))
+            req = dict(req, **{TRUNCATED_KEY: True})
         if ex.train_opt_out:
             request_out: dict[str, Any] = {"model": req.get("model"), "stream": ex.stream}
             response, logprobs = None, None

@@ -74,7 +74,7 @@ def unpack(meta_b: bytes, request_body: bytes, response: bytes) -> Exchange:
             request = {"body": request}
     except orjson.JSONDecodeError:
         request = {"body": request_body[:10000].decode(errors="replace")}
-    ex = Exchange(request=request, **{k: meta[k] for k in _META_FIELDS})
+    ex = Exchange(request=request, request_body=request_body, **{k: meta[k] for k in _META_FIELDS})
     if kind == "object":
         ex.response = orjson.loads(response)
     elif kind == "body":
@@ -273,7 +273,7 @@ def worker_main(fd: int, config: dict[str, Any]) -> int:
     from streams.settings import KafkaSettings, ProducerSettings
 
     producer = EventProducer(KafkaSettings(**config["kafka"]), ProducerSettings(**config["producer"]))
-    capture = Capture(producer, load_redactor(config["redactor"]))
+    capture = Capture(producer, load_redactor(config["redactor"]), int(config.get("max_event_bytes", 900_000)))
     stats_path = Path(config["stats_path"])
 
     def write_stats() -> None:

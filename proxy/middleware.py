@@ -7,6 +7,7 @@ import logging
 from aiohttp import web
 
 from proxy.errors import ProxyError, error_response
+from proxy.state import STATE
 
 log = logging.getLogger(__name__)
 
@@ -17,9 +18,10 @@ async def openai_errors(request: web.Request, handler):
         return await handler(request)
     except ProxyError as err:
         return error_response(err)
-    except web.HTTPRequestEntityTooLarge as exc:
+    except web.HTTPRequestEntityTooLarge:
+        limit = request.app[STATE].settings.max_body_bytes
         return error_response(ProxyError(
-            413, f"the request body is larger than this proxy accepts ({exc.max_size} bytes, max_body_bytes); "
+            413, f"the request body is larger than this proxy accepts ({limit} bytes, max_body_bytes); "
                  "send a smaller body or raise max_body_bytes", code="request_too_large"))
     except web.HTTPMethodNotAllowed as exc:
         return error_response(ProxyError(405, f"{request.method} is not allowed on {request.path}; allowed: "

@@ -250,7 +250,12 @@ async def _relay_stream(request, st: ProxyState, upstream: aiohttp.ClientRespons
         if carry:
             chunks.append(carry)
             await resp.write(carry)
-        await resp.write_eof()
+        # Everything the upstream sent was delivered. A client that hangs up now (the SDK closes
+        # as soon as it read [DONE]) did not abandon anything.
+        try:
+            await resp.write_eof()
+        except _CLIENT_GONE:
+            pass
     except _CLIENT_GONE:
         # The client left: close the upstream connection so vLLM stops generating for nobody.
         ex.abandoned = True
@@ -280,6 +285,8 @@ async def _relay_stream(request, st: ProxyState, upstream: aiohttp.ClientRespons
 async def forward_other(request: web.Request) -> web.StreamResponse:
     """Any other /v1/* route: forwarded unchanged (no capture: not a model interaction)."""
     st: ProxyState = request.app[STATE]
+    if request.path[3:] in ENDPOINTS:  # a known endpoint with the wrong method
+        raise ProxyError(405, f"{request.method} is not allowed on {request.path}; use POST", code="method_not_allowed")
     body = await request.read() if request.can_read_body else None
     upstream = await st.upstream.request(request.method, request.path[3:], body, st.upstream.headers(request.headers),
                                          stream=True, query=request.query_string)

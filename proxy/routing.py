@@ -203,7 +203,7 @@ class ControlFollower:
             try:
                 consumer = KafkaConsumer(bootstrap_servers=self.kafka.servers, client_id=f"{self.kafka.client_id}-proxy-control",
                                          group_id=None, enable_auto_commit=False, auto_offset_reset="earliest",
-                                         request_timeout_ms=10000, api_version_auto_timeout_ms=5000)
+                                         request_timeout_ms=10000)
                 tp = TopicPartition(CONTROL.name, 0)
                 consumer.assign([tp])
                 consumer.seek_to_beginning(tp)

@@ -125,6 +125,8 @@ class ProxySettings(BaseSettings):
     capture_queue_bytes: int = Field(default=256 * 1024 * 1024, ge=0,
                                      description="Process mode: memory for exchanges waiting while the worker's pipe is full; past it they are dropped and counted.")
     capture_worker_cpus: str | None = Field(default=None, description="Process mode: pin the capture worker to these CPUs (taskset list, e.g. '1'), away from the relay.")
+    capture_max_event_bytes: int = Field(default=900_000, ge=10_000,
+                                         description="Keep each event under this size (Kafka's default message limit is 1 MB): longer strings are cut, with a note.")
     redactor: str = Field(default="proxy.redaction:default_redactor",
                           description="'module:factory' returning a Redactor; applied before an event leaves the proxy. 'none' disables redaction.")
     follow_control: bool = Field(default=True, description="Build the routing table from the control topic; off: names always pass through.")

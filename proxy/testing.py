@@ -21,12 +21,13 @@ def free_port() -> int:
 
 
 class RunningProxy:
-    """``RunningProxy(settings).start()`` serves ``create_app(settings, **kwargs)`` on 127.0.0.1."""
+    """``RunningProxy(settings).start()`` serves ``create_app(settings, **kwargs)`` on 127.0.0.1, on
+    ``port`` or a free one (``settings.port`` is ignored: tests must not collide on 8080)."""
 
-    def __init__(self, settings: ProxySettings, **create_kwargs: Any):
+    def __init__(self, settings: ProxySettings, *, port: int | None = None, **create_kwargs: Any):
         self.settings = settings
         self.create_kwargs = create_kwargs
-        self.port = settings.port or free_port()
+        self.port = port or free_port()
         self.app: web.Application | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self._runner: web.AppRunner | None = None
