@@ -83,6 +83,13 @@ def test_trajectory_rules(warehouse):
     assert len(turns) == 2 and all(any(f.level == "episode" for f in t.feedback) for t in turns)
     assert turns[1].messages[: len(turns[0].messages)] == turns[0].messages
     assert turns[1].messages[len(turns[0].messages)]["role"] == "assistant"
+    # trajectories younger than the window may still get feedback: flagged, not final
+    as_of = max(t.ts for t in trajs) + dt.timedelta(hours=1)
+    at = load_trajectories(warehouse, TrajectoryQuery(as_of=as_of, late_feedback_window=dt.timedelta(hours=2)))
+    young = [t for t in at.trajectories if as_of - t.ts < dt.timedelta(hours=2)]
+    assert young and all(not t.feedback_final for t in young)
+    assert all(t.feedback_final for t in at.trajectories if as_of - t.ts >= dt.timedelta(hours=2))
+    assert all(f.ts <= as_of for t in at.trajectories for f in t.feedback)  # nothing from after as_of
     # a tenant filter sees only its own traffic
     only = load_trajectories(warehouse, TrajectoryQuery(tenant="globex")).trajectories
     assert only and {t.tenant for t in only} == {"globex"}
@@ -168,7 +175,7 @@ def test_schema_verifier_validates_on_the_json_family(simulated):
     assert table[(_family(result, "capitals", truth), "length")]["status"] == "rejected"
 
 
-def test_environments_are_deterministic_and_round_trip(warehouse):
+def test_environments_are_deterministic_and_round_trip(warehouse, tmp_path):
     events, _ = simulate(1500, seed=13, multi_turn_rate=0.2)
     warehouse.insert_events(events)
     a = _rebuild(warehouse, seed=3)
@@ -182,6 +189,14 @@ def test_environments_are_deterministic_and_round_trip(warehouse):
         assert {p.prompt_id for p in loaded.heldout} == {p.prompt_id for p in env.heldout}
         assert loaded.manifest == dict(env.manifest)
         assert not any(p.synthetic for p in loaded.heldout)
+    from learner.environments.store import export_environment
+
+    env = next(iter(a.environments.environments.values()))
+    out = export_environment(env, tmp_path)
+    manifest = orjson.loads((out / "manifest.json").read_bytes())
+    assert manifest["env_version"] == env.version and manifest["split_time"]
+    lines = (out / "train.jsonl").read_bytes().splitlines()
+    assert len(lines) == len(env.train) and "messages" in orjson.loads(lines[0])["request"]
     n = warehouse.query("SELECT count() FROM {db}.environments FINAL")[0][0]
     assert n == len(a.environments.environments)  # saving the same build twice wrote nothing new
 
