@@ -17,8 +17,9 @@ Delivery promises, in order:
   dropped and counted -- the request itself is never affected;
 - if the proxy is killed, the worker still reads every frame already in the pipe, emits it, then
   flushes its producer and exits (EOF on the pipe is its signal);
-- if the worker dies, the proxy starts a new one; the frames that were inside the old pipe (at most
-  the pipe's buffer, 1 MiB) are lost, and counted as lost when the death is noticed;
+- if the worker dies, the proxy starts a new one; the frames still unread inside the old pipe (at
+  most the pipe's buffer, 1 MiB) are lost, and their bytes counted (``lost_bytes``) when the death
+  is noticed (at the next hand-over);
 - once the worker emitted an event it is in the worker's spool: from there the producer's own
   promises hold (survives SIGKILL, replayed on the next start).
 """
@@ -35,6 +36,7 @@ import signal
 import struct
 import subprocess
 import sys
+import termios
 import time
 from pathlib import Path
 from typing import Any
@@ -100,13 +102,12 @@ class CaptureWorker:
         self.emitted = 0  # handed to the worker
         self.dropped = 0  # queue over its budget
         self.failed = 0  # could not be packed (a bug)
-        self.lost = 0  # inside a dead worker's pipe
+        self.lost_bytes = 0  # unread inside a dead worker's pipe
         self.restarts = 0
         self.redactor = None  # redaction runs in the worker; its counts come from the stats file
         self._queue: collections.deque[memoryview] = collections.deque()
         self._queue_bytes = 0
         self._partial = False  # the queue's head is the rest of a frame already partly in the pipe
-        self._in_pipe = 0  # bytes written since the last time the worker was known to be alive
         self._loop: asyncio.AbstractEventLoop | None = None
         self._writer_armed = False
         self._proc: subprocess.Popen | None = None
@@ -133,7 +134,6 @@ class CaptureWorker:
         self._proc = subprocess.Popen(cmd, pass_fds=(r,), start_new_session=True, env=env)
         os.close(r)
         self._fd = w
-        self._in_pipe = 0
         log.info("capture worker started (pid %d)", self._proc.pid)
 
     async def close(self, timeout_s: float = 15.0) -> None:
@@ -177,7 +177,6 @@ class CaptureWorker:
             self._flush()
             return
         self.emitted += 1
-        self._in_pipe += n
         if n < len(frame):
             self._queue.append(memoryview(frame)[n:])
             self._queue_bytes += len(frame) - n
@@ -208,7 +207,6 @@ class CaptureWorker:
             except (BrokenPipeError, OSError):
                 self._worker_died()
                 continue
-            self._in_pipe += n
             self._queue_bytes -= n
             if n < len(head):
                 self._queue[0] = head[n:]
@@ -226,6 +224,11 @@ class CaptureWorker:
         if self._writer_armed and self._loop is not None:
             self._loop.remove_writer(self._fd)
             self._writer_armed = False
+        try:  # what the dead worker never read (FIONREAD works on a pipe's write end on Linux)
+            unread = struct.unpack("i", fcntl.ioctl(self._fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+        except OSError:
+            unread = 0
+        self.lost_bytes += unread
         try:
             os.close(self._fd)
         except OSError:
@@ -233,7 +236,6 @@ class CaptureWorker:
         if self._partial and self._queue:  # the rest of a frame whose start died with the pipe
             self._queue_bytes -= len(self._queue.popleft())
             self._partial = False
-        self.lost += 1 if self._in_pipe else 0
         self.restarts += 1
         self._spawn()
         self._arm_writer()

@@ -80,7 +80,7 @@ class CaptureCollector(Collector):
                 g.add_metric([], cap.queue_bytes)
                 yield g
                 for name, help_ in (("restarts", "Capture worker restarts."),
-                                    ("lost", "Capture worker deaths with exchanges inside its pipe (those are lost).")):
+                                    ("lost_bytes", "Bytes of exchanges left unread in a dead capture worker's pipe (lost).")):
                     c = CounterMetricFamily(f"onpolicy_proxy_capture_worker_{name}", help_)
                     c.add_metric([], getattr(cap, name))
                     yield c

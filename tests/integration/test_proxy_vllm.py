@@ -8,7 +8,9 @@ and land on the interactions topic as exactly one event (read back from the real
 from __future__ import annotations
 
 import asyncio
+import os
 import time
+import types
 import uuid
 
 import httpx
@@ -62,6 +64,15 @@ class InteractionReader:
                 assert len(events) == 1, f"expected exactly one event for {iid}, got {len(events)}"
                 return next(iter(events.values()))
         raise AssertionError(f"no interaction event for {iid} within {timeout_s}s")
+
+
+if os.environ.get("ONPOLICY_TEST_VLLM_URL"):
+    # Developing: reuse a vLLM that is already running (ONPOLICY_TEST_VLLM_URL="http://host:port/v1 model")
+    # instead of starting the session one. CI never sets it.
+    @pytest.fixture(scope="module")
+    def vllm_server():
+        url, model = os.environ["ONPOLICY_TEST_VLLM_URL"].split()
+        return types.SimpleNamespace(base_url=url, model=model)
 
 
 @pytest.fixture(scope="module")

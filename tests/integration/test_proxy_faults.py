@@ -1,0 +1,184 @@
+"""Faults vLLM cannot be made to produce on demand, against bench/standin_upstream.py -- a STAND-IN
+for vLLM's wire format (not vLLM): a slow stream, a connection reset mid-stream, an upstream that
+never answers. Also: graceful shutdown drains a stream in flight, and a killed capture worker is
+replaced without failing requests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import openai
+import pytest
+from openai import OpenAI
+
+from proxy.settings import ProxySettings
+from proxy.testing import RunningProxy, free_port
+from streams.producer import EventProducer  # noqa: F401  (the real producer type the collector stands in for)
+from streams.settings import ProducerSettings
+
+REPO = Path(__file__).resolve().parents[2]
+KEY = "faults-test-key-0123456789abcdef"
+MSGS = [{"role": "user", "content": "hi"}]
+
+
+class Collector:
+    """Keeps the events a proxy emits (the fault tests look at what was captured, not at Kafka)."""
+
+    def __init__(self):
+        self.events = []
+        self.lock = threading.Lock()
+
+    def emit(self, event) -> bool:
+        with self.lock:
+            self.events.append(event)
+        return True
+
+    def wait_for(self, iid: str, timeout_s: float = 10.0):
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with self.lock:
+                found = [e for e in self.events if e.interaction_id == iid]
+            if found:
+                assert len(found) == 1
+                return found[0]
+            time.sleep(0.02)
+        raise AssertionError(f"no event for {iid}")
+
+
+@pytest.fixture(scope="module")
+def standin():
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(REPO / "bench" / "standin_upstream.py"), "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    import socket
+
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            assert time.monotonic() < deadline, "stand-in upstream did not start"
+            time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}/v1"
+    proc.terminate()
+    proc.wait(5)
+
+
+def _proxy(upstream: str, collector: Collector, **overrides) -> RunningProxy:
+    settings = ProxySettings(upstream_url=upstream, follow_control=False, interaction_id_key=KEY, capture_mode="inline",
+                             **overrides)
+    return RunningProxy(settings, producer=collector).start()
+
+
+@pytest.fixture(scope="module")
+def collector():
+    return Collector()
+
+
+@pytest.fixture(scope="module")
+def proxy(standin, collector):
+    running = _proxy(standin, collector, upstream_timeout_s=1.5, upstream_read_timeout_s=1.0)
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def client(proxy):
+    return OpenAI(base_url=proxy.base_url, api_key="unused", max_retries=0)
+
+
+def test_slow_stream_is_relayed_chunk_by_chunk(client, collector):
+    t0 = time.monotonic()
+    arrivals = []
+    iid = None
+    for chunk in client.chat.completions.create(model="standin-slow", messages=MSGS, stream=True):
+        arrivals.append(time.monotonic() - t0)
+        iid = chunk.id
+    # 8 chunks 50 ms apart: the first reaches the client long before the last is sent
+    assert len(arrivals) == 8
+    assert arrivals[0] < 0.2 and arrivals[-1] > 0.3
+    ev = collector.wait_for(iid)
+    assert ev.latency_first_token_ms < 200 and ev.latency_total_ms > 300
+    assert ev.response["choices"][0]["message"]["content"].startswith("tok1 tok2")
+    assert not ev.abandoned and ev.error is None
+
+
+def test_reset_mid_stream_raises_in_sdk_and_is_captured(client, collector):
+    seen = []
+    with pytest.raises(openai.APIError) as info:
+        for chunk in client.chat.completions.create(model="standin-reset", messages=MSGS, stream=True):
+            seen.append(chunk.id)
+    assert "broke off" in str(info.value)
+    ev = collector.wait_for(seen[0])
+    assert ev.error and "broke off" in ev.error and ev.stream
+    assert ev.response["choices"][0]["message"]["content"] == "tok1 tok2 "  # what had been sent
+
+
+def test_upstream_that_never_answers_is_504(client, proxy):
+    for stream in (False, True):
+        with pytest.raises(openai.APIStatusError) as info:
+            client.chat.completions.create(model="standin-hang", messages=MSGS, stream=stream)
+        assert info.value.status_code == 504
+        assert info.value.body["code"] == "upstream_timeout"
+
+
+def test_upstream_4xx_body_unchanged(client, standin):
+    import httpx
+
+    direct = httpx.post(standin + "/chat/completions", json={"model": "standin-400", "messages": MSGS})
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="standin-400", messages=MSGS)
+    assert info.value.response.content == direct.content
+
+
+def test_graceful_shutdown_drains_streams_in_flight(standin):
+    collector = Collector()
+    running = _proxy(standin, collector, shutdown_grace_s=10)
+    client = OpenAI(base_url=running.base_url, api_key="unused", max_retries=0)
+    got: list[str] = []
+    errors: list[BaseException] = []
+
+    def consume():
+        try:
+            for chunk in client.chat.completions.create(model="standin-slow", messages=MSGS, stream=True):
+                got.append(chunk.choices[0].delta.content or "")
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    t = threading.Thread(target=consume)
+    t.start()
+    while not got:
+        time.sleep(0.01)
+    running.stop()  # SIGTERM's path: stop accepting, wait for in-flight requests, clean up
+    t.join(10)
+    assert not errors and len(got) == 8  # the stream finished in full
+    assert len(collector.events) == 1 and not collector.events[0].abandoned
+
+
+def test_killed_capture_worker_is_replaced(standin, kafka, tmp_path):
+    settings = ProxySettings(upstream_url=standin, follow_control=False, interaction_id_key=KEY, kafka=kafka,
+                             capture_mode="process", producer=ProducerSettings(spool_dir=tmp_path / "spool"))
+    running = RunningProxy(settings).start()
+    try:
+        client = OpenAI(base_url=running.base_url, api_key="unused", max_retries=0)
+        worker = running.state.capture
+        client.chat.completions.create(model="standin-model", messages=MSGS)
+        first_pid = worker._proc.pid
+        os.kill(first_pid, signal.SIGKILL)
+        worker._proc.wait(5)
+        for _ in range(20):  # every request still succeeds; the proxy notices the dead pipe and restarts it
+            client.chat.completions.create(model="standin-model", messages=MSGS)
+        assert worker.restarts == 1 and worker._proc.pid != first_pid
+        deadline = time.monotonic() + 20
+        while worker.worker_stats().get("pid") != worker._proc.pid or worker.worker_stats().get("accepted", 0) < 19:
+            assert time.monotonic() < deadline, worker.worker_stats()
+            time.sleep(0.1)
+    finally:
+        running.stop()
