@@ -158,7 +158,7 @@ def test_capture_builds_events_the_contract_decodes():
         _exchange(stream=True, chunks=[SIMPLE[:40], SIMPLE[40:]], t_first=time.perf_counter()),
         _exchange(status=404, body=b'{"error":{"message":"The model `pub` does not exist.","type":"NotFoundError"}}'),
         _exchange(status=502, error="cannot connect to upstream"),
-        _exchange(stream=True, chunks=[SIMPLE[:100]], abandoned=True),
+        _exchange(stream=True, chunks=[SIMPLE[:SIMPLE.index(b'"lo ')]], abandoned=True),
         _exchange(body=body, train_opt_out=True),
     ]
     for ex in cases:
