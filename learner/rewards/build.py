@@ -43,6 +43,8 @@ class RewardSettings:
     rm_embeddings: bool = False
     rm_max_embedded: int = 5000
     include_length_control: bool = True
+    policy_head_model: str | None = None  # a causal LM directory: also fit a scalar head on the policy
+    policy_head_max_pairs: int = 4000
     judge: JudgeSettings = field(default_factory=JudgeSettings)
     judge_max_heldout: int = 200
 
@@ -89,6 +91,14 @@ def build_family_rewards(family, env_version: str, trajectories: Sequence[Trajec
                 candidates.append(LearnedRewardModel.fit(fid, fit, C=s.rm_C, encoder=encoder))
             except RewardError as exc:
                 failures.append(("learned_rm_emb", "learned_rm", f"insufficient: {exc}"))
+    if s.policy_head_model:
+        from learner.rewards.policy_head import PolicyHeadRewardModel
+
+        try:
+            candidates.append(PolicyHeadRewardModel.fit(fid, fit, s.policy_head_model,
+                                                        max_pairs=s.policy_head_max_pairs))
+        except RewardError as exc:
+            failures.append(("policy_head", "policy_head", f"insufficient: {exc}"))
     ref = ReferenceReward.fit(fid, fit)
     if ref is not None:
         candidates.append(ref)
@@ -103,12 +113,12 @@ def build_family_rewards(family, env_version: str, trajectories: Sequence[Trajec
         sample = heldout[: s.judge_max_heldout] if r.kind == "llm_judge" else heldout
         reports[r.name] = validate(r, sample, s.validation, now)
     weights = weights_from_reports(reports)
-    # keep the better-validating reward model only
-    rms = [r for r in candidates if r.kind == "learned_rm" and reports[r.name].passed]
+    # keep the better-validating of the learned reward models (cheap features, + embeddings, policy head)
+    rms = [r for r in candidates if r.kind in ("learned_rm", "policy_head") and reports[r.name].passed]
     superseded = {}
     if len(rms) > 1:
-        # The embedding model costs ~9 ms per scored answer: it must beat the cheap one's lower bound
-        # by EMBEDDING_MARGIN to be worth it.
+        # Embedding features and the policy head cost a model forward per scored answer: they must
+        # beat the cheap model's lower bound by EMBEDDING_MARGIN to be worth it.
         def merit(r):
             bonus = EMBEDDING_MARGIN if r.name == "learned_rm" else 0.0
             return (reports[r.name].ci_low + bonus, r.name == "learned_rm")

@@ -40,6 +40,10 @@ def load_reward(kind: str, family_id: str, name: str, params: dict[str, Any]) ->
         return memory.AnswerMemory.from_params(family_id, name, params)
     if kind == "learned_rm":
         return model.LearnedRewardModel.from_params(family_id, name, params)
+    if kind == "policy_head":
+        from learner.rewards.policy_head import PolicyHeadRewardModel
+
+        return PolicyHeadRewardModel.from_params(family_id, name, params)
     if kind == "reference":
         return reference.ReferenceReward.from_params(family_id, name, params)
     if kind == "json_schema":
@@ -58,7 +62,7 @@ def load_reward(kind: str, family_id: str, name: str, params: dict[str, Any]) ->
         return judge.LLMJudge(family_id, judge.JudgeSettings(base_url=params["base_url"], model=params["model"],
                                                              rubric=params["rubric"]), name)
     raise RewardError(f"unknown reward kind {kind!r}; this learner knows answer_memory, learned_rm, reference, "
-                      "json_schema, json_parse, tool_calls, format, refusal, length, llm_judge")
+                      "json_schema, json_parse, tool_calls, format, refusal, length, llm_judge, policy_head")
 
 
 @dataclass

@@ -9,7 +9,7 @@ MODULES = ("learner.types, learner.trajectories, learner.environments, learner.e
            "learner.environments.families, learner.environments.pools, learner.environments.synth, "
            "learner.environments.store, learner.environments.embedding, learner.rewards, learner.rewards.build, "
            "learner.rewards.registry, learner.rewards.validation, learner.rewards.verifiers, learner.rewards.model, "
-           "learner.rewards.memory, learner.rewards.reference, learner.rewards.judge, learner.rewards.combiner, "
+           "learner.rewards.memory, learner.rewards.reference, learner.rewards.judge, learner.rewards.combiner, learner.rewards.policy_head, "
            "learner.rewards_cli")
 
 
