@@ -102,10 +102,18 @@ def create_app(settings: ProxySettings, *, producer: Any | None = None, router: 
         if state.follower is not None:
             await asyncio.to_thread(state.follower.stop)
 
+    async def hosted_ctx(app: web.Application):
+        if state.hosted:
+            # Import litellm (~3 s) now, off the loop, rather than on the first hosted request.
+            from proxy.hosted import _import_litellm
+
+            await asyncio.to_thread(_import_litellm)
+        yield
+
     async def on_shutdown(app: web.Application):
         state.draining = True
 
-    app.cleanup_ctx.extend([capture_ctx, control_ctx, upstream_ctx])
+    app.cleanup_ctx.extend([capture_ctx, control_ctx, upstream_ctx, hosted_ctx])
     app.on_shutdown.append(on_shutdown)
     state.started_at = time.monotonic()
     return app

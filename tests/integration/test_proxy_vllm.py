@@ -429,3 +429,35 @@ def test_metrics_health_ready(proxy):
                  "onpolicy_proxy_capture_queue_bytes", "onpolicy_producer_spool_bytes", "onpolicy_producer_events_dropped",
                  "onpolicy_proxy_capture_emitted"):
         assert name in text, name
+
+
+def test_hosted_model_through_litellm(vllm_server, direct, kafka, reader, tmp_path, monkeypatch):
+    """A model_list entry (LiteLLM's config convention) served through litellm -- pointed at the same
+    real vLLM as an OpenAI-compatible provider -- is relayed and captured like the vLLM path."""
+    pytest.importorskip("litellm", reason="litellm (the 'hosted' extra) is not installed in this venv")
+    monkeypatch.setenv("ONPOLICY_TEST_HOSTED_KEY", "unused")
+    settings = ProxySettings(
+        upstream_url=vllm_server.base_url, kafka=kafka, interaction_id_key=KEY, capture_mode="process",
+        follow_control=False, producer=ProducerSettings(spool_dir=tmp_path / "spool"),
+        model_list=[{"model_name": "hosted-smol", "litellm_params": {
+            "model": f"openai/{vllm_server.model}", "api_base": vllm_server.base_url,
+            "api_key": "os.environ/ONPOLICY_TEST_HOSTED_KEY"}}])
+    running = RunningProxy(settings).start()
+    try:
+        c = OpenAI(base_url=running.base_url, api_key="unused", max_retries=0)
+        assert "hosted-smol" in [m.id for m in c.models.list()]
+        kw = dict(messages=MSGS, max_tokens=10, temperature=0)
+        want = direct.chat.completions.create(model=vllm_server.model, **kw)
+        got = c.chat.completions.create(model="hosted-smol", **kw)
+        assert got.choices[0].message.content == want.choices[0].message.content and got.model == "hosted-smol"
+        _check_id(got.id, "chatcmpl-")
+        ev = reader.wait(got.id)
+        assert (ev.upstream, ev.public_model, ev.upstream_model) == ("litellm", "hosted-smol", f"openai/{vllm_server.model}")
+        parts, iid = [], None
+        for chunk in c.chat.completions.create(model="hosted-smol", stream=True, **kw):
+            iid = chunk.id
+            parts.extend(ch.delta.content or "" for ch in chunk.choices)
+        assert "".join(parts) == want.choices[0].message.content
+        assert reader.wait(iid).response["choices"][0]["message"]["content"] == want.choices[0].message.content
+    finally:
+        running.stop()

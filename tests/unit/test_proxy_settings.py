@@ -73,3 +73,18 @@ def test_cli_registers_the_proxy_command():
 
     s = _settings(args)
     assert (s.port, s.upstream_url, s.capture) == (9100, "http://x:1/v1", False)
+
+
+def test_litellm_if_installed_is_not_a_trojaned_release_and_left_no_pth():
+    """litellm 1.82.7 and 1.82.8 shipped a credential-stealing .pth file (March 2026)."""
+    import importlib.metadata
+    import site
+
+    try:
+        version = importlib.metadata.version("litellm")
+    except importlib.metadata.PackageNotFoundError:
+        version = None
+    assert version not in ("1.82.7", "1.82.8")
+    for d in site.getsitepackages():
+        for pth in __import__("pathlib").Path(d).glob("*.pth"):
+            assert "litellm" not in pth.name.lower() and "litellm" not in pth.read_text(errors="replace").lower(), pth
