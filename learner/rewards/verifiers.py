@@ -156,7 +156,8 @@ CONSTRAINT_PATTERNS: list[tuple[str, re.Pattern]] = [
     ("one_word", re.compile(r"\b(?:one|single|1)[- ]word\b", re.I)),
     ("number_only", re.compile(r"\b(?:(?:only|just) the number|number only|digits only|only a number)\b", re.I)),
     ("yes_no", re.compile(r"\b(?:yes or no|yes/no)\b", re.I)),
-    ("json_only", re.compile(r"\b(?:json only|only (?:valid )?json|(?:reply|respond|answer|output)(?: only)? (?:in|with|as) (?:valid )?json)\b", re.I)),
+    ("json_only", re.compile(r"\b(?:json only|only (?:valid )?json|(?:reply|respond|answer|output)(?: only)? (?:in|with|as) (?:valid )?json|as (?:valid )?json)\b", re.I)),
+    ("json_keys", re.compile(r"\bjson\b[^.\n]{0,40}?\bkeys? ((?:[\"'`][\w -]{1,40}[\"'`](?:,\s*|,? and\s+|\s+)?){1,12})", re.I)),
     ("max_words", re.compile(r"\b(?:at most|no more than|maximum of|max(?:imum)?|under|fewer than|up to|in) (\d+) words?\b", re.I)),
     ("max_sentences", re.compile(r"\b(?:at most|no more than|maximum of|max(?:imum)?|under|fewer than|up to|in) (\d+) sentences?\b", re.I)),
     ("max_chars", re.compile(r"\b(?:at most|no more than|maximum of|max(?:imum)?|under|fewer than|up to|within) (\d+) (?:characters|chars)\b", re.I)),
@@ -179,7 +180,9 @@ def mine_constraints(text: str) -> list[dict[str, Any]]:
         m = pat.search(text or "")
         if m:
             c: dict[str, Any] = {"type": kind}
-            if m.groups():
+            if kind == "json_keys":
+                c["keys"] = sorted(set(re.findall(r"[\"'`]([\w -]{1,40})[\"'`]", m.group(1))))
+            elif m.groups():
                 g = m.group(1)
                 c["n" if g.isdigit() else "lang"] = int(g) if g.isdigit() else g.lower()
             out.append(c)
@@ -197,6 +200,9 @@ def check_constraint(c: dict[str, Any], text: str) -> bool:
         return t.lower().rstrip(".!") in ("yes", "no")
     if kind == "json_only":
         return _parse_json(t)[0]
+    if kind == "json_keys":
+        ok, data = _parse_json(t)
+        return ok and isinstance(data, dict) and set(c["keys"]) <= set(data)
     if kind == "max_words":
         return len(t.split()) <= c["n"]
     if kind == "max_sentences":
@@ -297,9 +303,8 @@ def propose_verifiers(family: TaskFamily, trajectories: Sequence[Trajectory], ma
             found[c] += 1
             by_key[c] = json.loads(c)
     constraints = [by_key[k] for k, n in sorted(found.items()) if n / len(sample) >= majority]
-    if any(c["type"] == "json_only" for c in constraints) and not any(isinstance(r, JsonParseVerifier) for r in out):
-        out.append(JsonParseVerifier(fid))
-    constraints = [c for c in constraints if c["type"] != "json_only"]
+    # "as JSON" stated in the prompt stays a per-prompt format constraint (a family found by embeddings
+    # may mix JSON and plain prompts); only response_format makes the whole family JSON.
     if constraints:
         out.append(FormatVerifier(fid, constraints))
     out.append(RefusalReward(fid))

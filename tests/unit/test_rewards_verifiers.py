@@ -85,12 +85,22 @@ def test_tool_call_verifier():
     ("Answer yes or no.", "yes_no", "Yes.", "Maybe"),
     ("Answer in at most 5 words.", "max_words", "It is in Paris.", "It is in Paris, the city of light."),
     ("Reply in French.", "language", "La capitale est Paris et elle est belle.", "The capital is Paris and it is nice."),
+    ("Output only JSON.", "json_only", '{"a": 1}', "a: 1"),
 ])
 def test_format_constraints_are_mined_and_checked(text, kind, good, bad):
     constraints = mine_constraints(text)
     assert [c["type"] for c in constraints] == [kind]
     assert check_constraint(constraints[0], good)
     assert not check_constraint(constraints[0], bad)
+
+
+def test_json_keys_are_mined_from_the_prompt():
+    cs = mine_constraints('Describe a cat as JSON with keys "name" and "legs".')
+    assert cs == [{"type": "json_only"}, {"type": "json_keys", "keys": ["legs", "name"]}]
+    keys = cs[1]
+    assert check_constraint(keys, '{"name": "cat", "legs": 4}')
+    assert not check_constraint(keys, '{"name": "cat"}')
+    assert not check_constraint(keys, 'The cat has 4 legs.')
 
 
 def test_format_verifier_is_proposed_from_the_system_prompt_and_only_judges_prompts_that_ask():
