@@ -203,8 +203,12 @@ def main() -> int:
             p = spawn([str(litellm_bin), "--config", str(cfg), "--host", "127.0.0.1", "--port", str(port), "--num_workers", "1"],
                       SERVER_CORE, "litellm", {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR",
                                                "DISABLE_SCHEMA_UPDATE": "true"})
-            wait_port(port, 180, p)
-            targets["litellm"] = (f"http://127.0.0.1:{port}", p)
+            try:
+                wait_port(port, 240, p)
+                targets["litellm"] = (f"http://127.0.0.1:{port}", p)
+            except RuntimeError as exc:
+                tail = (tmp / "litellm.log").read_text(errors="replace")[-1500:]
+                print(f"(LiteLLM's proxy did not start: {exc}; its log ends:\n{tail})")
         elif not args.skip_litellm:
             print(f"(LiteLLM's proxy skipped: no {litellm_bin}; python3.11 -m venv {args.litellm_venv} && "
                   f"{args.litellm_venv}/bin/pip install 'litellm[proxy]==1.106.12')")
