@@ -254,3 +254,17 @@ def load_trajectories(warehouse, query: TrajectoryQuery | None = None) -> Trajec
 def labelled(trajectories: Iterable[Trajectory]) -> list[Trajectory]:
     """Trajectories with at least one labelled judgement."""
     return [t for t in trajectories if t.label() is not None]
+
+
+def group_by_prompt(trajectories: Iterable[Trajectory], family_of: dict[str, str] | None = None) -> list["TrajectoryGroup"]:
+    """Trajectories that answered the same prompt (same messages and replay fields), in first-seen
+    order: the groups a GRPO-style update compares within. ``family_of`` maps interaction ids to
+    family ids (from ``discover_families``); without it the family is left empty."""
+    from learner.environments.pools import prompt_key
+    from learner.types import TrajectoryGroup
+
+    groups: dict[tuple[str, str], list[Trajectory]] = defaultdict(list)
+    for t in sorted(trajectories, key=lambda t: (t.ts, t.event_id)):
+        groups[(t.tenant, prompt_key(t.messages, dict(t.request_kwargs)))].append(t)  # tenants apart
+    return [TrajectoryGroup(f"p{k}", (family_of or {}).get(ts[0].interaction_id, ""), tuple(ts))
+            for (_, k), ts in groups.items()]

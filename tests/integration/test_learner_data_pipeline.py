@@ -90,6 +90,13 @@ def test_trajectory_rules(warehouse):
     assert young and all(not t.feedback_final for t in young)
     assert all(t.feedback_final for t in at.trajectories if as_of - t.ts >= dt.timedelta(hours=2))
     assert all(f.ts <= as_of for t in at.trajectories for f in t.feedback)  # nothing from after as_of
+    # GRPO groups: every trajectory in exactly one group, groups share the prompt exactly
+    from learner.trajectories import group_by_prompt
+
+    groups = group_by_prompt(trajs)
+    assert sum(len(g.trajectories) for g in groups) == len(trajs)
+    assert all(len({(t.tenant, orjson.dumps(t.messages)) for t in g.trajectories}) == 1 for g in groups)
+    assert any(len(g.trajectories) > 1 for g in groups)
     # a tenant filter sees only its own traffic
     only = load_trajectories(warehouse, TrajectoryQuery(tenant="globex")).trajectories
     assert only and {t.tenant for t in only} == {"globex"}
