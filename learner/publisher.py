@@ -117,6 +117,7 @@ class PublishResult:
     latency_s: float
     evicted: tuple[str, ...] = ()
     already_published: bool = False
+    stages_s: dict[str, float] = field(default_factory=dict)  # verify+place, load+probe on all, event
 
 
 @dataclass
@@ -285,7 +286,9 @@ class Publisher:
                 PUBLISH_FAILURES.labels("verify").inc()
                 exc.name = name
                 raise
+            placed = time.monotonic()
             failures = self._on_all(lambda replica: self._load_and_probe(replica, name, path))
+            served = time.monotonic()
             if failures:
                 PUBLISH_FAILURES.labels("replica").inc()
                 loaded_ok = [r for r in self.replicas if r not in failures]
@@ -309,10 +312,13 @@ class Publisher:
                 raise PublishError(f"adapter {name} is loaded on every replica but the control event was dropped "
                                    "(event spool full); routing is unchanged; publish again to retry", name)
             PUBLISH_SECONDS.observe(latency)
+            stages = {"verify_place": placed - started, "load_probe": served - placed,
+                      "event": time.monotonic() - served}
         evicted = self._evict(keep=name)
         log.info("published %s on %d replicas in %.3f s", name, len(self.replicas), latency)
         return PublishResult(name=name, path=path, sha256=verified.sha256, rank=verified.rank,
-                             replicas=self.replicas, latency_s=latency, evicted=tuple(evicted), already_published=already)
+                             replicas=self.replicas, latency_s=latency, evicted=tuple(evicted), already_published=already,
+                             stages_s=stages)
 
     def retire(self, name: str, *, reason: str = "retired") -> None:
         """Unload ``name`` from every replica and emit ``adapter_retired``. Refuses while it is routed."""

@@ -161,7 +161,7 @@ def build(out_dir: Path, config: TinyConfig = TinyConfig(), progress: bool = Tru
             optimizer.step()
             schedule.step()
             if step % 20 == 0 or step == config.steps - 1:
-                loss_value = float(loss)
+                loss_value = float(loss.detach())
                 bar.set_postfix(loss=f"{loss_value:.3f}")
         bar.close()
         model.eval()
