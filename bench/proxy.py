@@ -44,6 +44,8 @@ BODY = ('{"model":"standin-model","messages":[{"role":"system","content":"You ar
         '{"role":"user","content":"Say hello in one short sentence, please."}],"max_tokens":64,"temperature":0%s}')
 LITELLM_VENV = Path.home() / ".onpolicy" / "venvs" / "litellm-proxy-1.106.12"
 SERVER_CORE, LOAD_CORE = "0", "1"
+# LiteLLM's proxy refuses to start without a master key; every target gets the same bearer token.
+BENCH_KEY = "sk-bench-0123456789abcdef0123456789abcdef"
 
 
 def free_port() -> int:
@@ -141,6 +143,8 @@ def main() -> int:
     ap.add_argument("--skip-litellm", action="store_true")
     ap.add_argument("--only", default="", help="comma-separated contenders to run (default: all)")
     args = ap.parse_args()
+    # SIGTERM must run the clean-up below (it stops every process this run started).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if shutil.which("wrk") is None:
         print("wrk is not installed: apt-get install -y wrk", file=sys.stderr)
         return 2
@@ -201,7 +205,7 @@ def main() -> int:
                 f"      api_base: http://127.0.0.1:{up_port}/v1\n      api_key: unused\n"
                 "litellm_settings:\n  telemetry: false\n  drop_params: true\n")
             p = spawn([str(litellm_bin), "--config", str(cfg), "--host", "127.0.0.1", "--port", str(port), "--num_workers", "1"],
-                      SERVER_CORE, "litellm", {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR",
+                      SERVER_CORE, "litellm", {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR", "LITELLM_MASTER_KEY": BENCH_KEY,
                                                "DISABLE_SCHEMA_UPDATE": "true"})
             try:
                 wait_port(port, 240, p)
@@ -221,7 +225,7 @@ def main() -> int:
             lua = tmp / f"{mode}.lua"
             body = BODY % extra
             lua.write_text('wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
-                           'wrk.headers["Authorization"] = "Bearer unused"\n'
+                           f'wrk.headers["Authorization"] = "Bearer {BENCH_KEY}"\n'
                            f"wrk.body = '{body}'\n")
             luas[mode] = lua
         # warm up every target once (connection pools, first-call imports)

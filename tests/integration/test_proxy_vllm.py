@@ -88,7 +88,27 @@ def proxy(vllm_server, kafka, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reader(kafka):
+def landing(kafka, chdb_path):
+    """A sink landing this session's events in a warehouse database of this module's own."""
+    import threading
+
+    from streams.settings import SinkSettings, WarehouseSettings
+    from streams.sink import Sink
+    from streams.warehouse import Warehouse
+
+    wh = Warehouse(WarehouseSettings(url=f"chdb://{chdb_path}", database=f"proxy_vllm_{uuid.uuid4().hex[:8]}"))
+    wh.migrate()
+    stop = threading.Event()
+    sink = Sink(kafka, wh, SinkSettings(group_id=f"proxy-vllm-{uuid.uuid4().hex[:8]}", batch_max_wait_s=0.2), stop=stop)
+    thread = threading.Thread(target=sink.run, daemon=True)
+    thread.start()
+    yield wh
+    stop.set()
+    thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def reader(kafka, landing):
     r = InteractionReader(kafka)
     yield r
     r.consumer.close()
@@ -434,6 +454,8 @@ def test_metrics_health_ready(proxy):
 def test_hosted_model_through_litellm(vllm_server, direct, kafka, reader, tmp_path, monkeypatch):
     """A model_list entry (LiteLLM's config convention) served through litellm -- pointed at the same
     real vLLM as an OpenAI-compatible provider -- is relayed and captured like the vLLM path."""
+    # Before anything imports litellm: its import would otherwise try to fetch a price list online.
+    monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     pytest.importorskip("litellm", reason="litellm (the 'hosted' extra) is not installed in this venv")
     monkeypatch.setenv("ONPOLICY_TEST_HOSTED_KEY", "unused")
     settings = ProxySettings(
@@ -461,3 +483,27 @@ def test_hosted_model_through_litellm(vllm_server, direct, kafka, reader, tmp_pa
         assert reader.wait(iid).response["choices"][0]["message"]["content"] == want.choices[0].message.content
     finally:
         running.stop()
+
+
+def test_every_call_landed_once_in_clickhouse_with_its_adapter_version(reader, landing):
+    """Runs last in this module: every interaction the tests above made through the proxy (signed
+    with this module's key) is in ClickHouse exactly once, with the adapter version it was served by."""
+    reader.poll()
+    ours = {iid: next(iter(evs.values())) for iid, evs in reader.by_iid.items() if IDS.verify(iid, next(iter(evs.values())).tenant)}
+    assert len(ours) >= 20, len(ours)
+    ids_sql = ",".join("'" + i.replace("'", "") + "'" for i in ours)
+
+    def rows():
+        return {r[0]: (int(r[1]), r[2]) for r in landing.query(
+            f"SELECT interaction_id, count(), any(adapter_version) FROM {{db}}.interactions FINAL "
+            f"WHERE interaction_id IN ({ids_sql}) GROUP BY interaction_id")}
+
+    deadline = time.monotonic() + 60
+    got = rows()
+    while len(got) < len(ours) and time.monotonic() < deadline:
+        time.sleep(0.5)
+        got = rows()
+    assert set(got) == set(ours), f"missing in ClickHouse: {sorted(set(ours) - set(got))[:5]}"
+    for iid, ev in ours.items():
+        assert got[iid] == (1, ev.adapter_version or ""), (iid, got[iid], ev.adapter_version)
+    assert any(ev.adapter_version for ev in ours.values())  # the routed call is among them
