@@ -214,6 +214,15 @@ class VllmServer:
         atexit.register(self.stop)
         try:
             self.wait_ready(self.settings.ready_timeout_s)
+        except VllmStartError:
+            self.stop()
+            # The free port was picked before vLLM bound it; another process may have taken it.
+            if not self.settings.port and "Address already in use" in self.log_tail(80) and not getattr(self, "_retried", False):
+                self._retried = True
+                self.port = free_port(self.host)
+                self.log_path = self.log_path.with_name(f"{self.name}-{self.port}.log")
+                return self.start()
+            raise
         except BaseException:
             self.stop()
             raise

@@ -1,5 +1,6 @@
 """Two real vLLM replicas: a publish is loaded and probed on both before routing changes, and
-20 publishes with 10 rollbacks under steady load fail no request.
+10 publishes with 5 rollbacks under steady load over both replicas fail no request (the full
+20 + 10 churn runs through the proxy in test_vllm_proxy_churn.py; this one keeps CI time down).
 
 There is no proxy in this test: a tiny router (``_Router``) follows the control events the way
 the proxy does (route the public name to the adapter named by the latest ``adapter_published`` or
@@ -102,7 +103,7 @@ class _Router:
             return next(self.replicas), self.current
 
 
-def test_twenty_publishes_and_rollbacks_under_load_fail_no_request(replicas, vllm_server, smollm2_model, make_adapter, tmp_path):
+def test_publishes_and_rollbacks_on_two_replicas_under_load_fail_no_request(replicas, vllm_server, smollm2_model, make_adapter, tmp_path):
     router = _Router(replicas)
     producer = CollectingProducer()
     pub = Publisher(replicas, tmp_path / "store", producer, max_lora_rank=8, max_loaded=3, routed=router.routed)
@@ -123,13 +124,13 @@ def test_twenty_publishes_and_rollbacks_under_load_fail_no_request(replicas, vll
                 else:
                     results["failed"].append((model, status, str(body)[:200]))
 
-    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(4)]
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(3)]
     for t in threads:
         t.start()
     latencies = []
     try:
         version = 0
-        for step in range(10):
+        for step in range(5):
             # publish two versions, route to each; then roll back to the first of the two
             for _ in range(2):
                 version += 1
@@ -149,8 +150,8 @@ def test_twenty_publishes_and_rollbacks_under_load_fail_no_request(replicas, vll
             pub.retire(name)
         pub.close()
     published = [e for e in producer.events if e.action == "adapter_published"]
-    assert len(published) == 20
+    assert len(published) == 10
     assert results["failed"] == [], f"{len(results['failed'])} failed requests, e.g. {results['failed'][:3]}"
-    assert results["ok"] > 20
-    print(f"\nchurn: 20 publishes + 10 rollbacks, {results['ok']} requests ok, 0 failed; "
-          f"publish latency median {sorted(latencies)[10]:.3f}s max {max(latencies):.3f}s")
+    assert results["ok"] > 10
+    print(f"\nchurn on 2 replicas: 10 publishes + 5 rollbacks, {results['ok']} requests ok, 0 failed; "
+          f"publish latency median {sorted(latencies)[5]:.3f}s max {max(latencies):.3f}s")
