@@ -35,7 +35,7 @@ Batch = list  # list[kafka.consumer.fetcher.ConsumerRecord]
 class BatchConsumer:
     def __init__(self, kafka: KafkaSettings, topics: Sequence[str], group_id: str, handle: Callable[[Batch], None], *,
                  batch_max_records: int = 5000, batch_max_wait_s: float = 0.5, stop: threading.Event | None = None,
-                 max_backoff_s: float = 10.0):
+                 max_backoff_s: float = 10.0, rejoin_after_s: float = 20.0):
         self.kafka = kafka
         self.topics = list(topics)
         self.group_id = group_id
@@ -44,6 +44,8 @@ class BatchConsumer:
         self.batch_max_wait_s = batch_max_wait_s
         self.stop = stop or threading.Event()
         self.max_backoff_s = max_backoff_s
+        self.rejoin_after_s = rejoin_after_s
+        self.rejoins = 0
         self.failing = False  # True while the handler keeps failing (exported as a metric by callers)
         self.batches = 0
         self.records = 0
@@ -78,8 +80,26 @@ class BatchConsumer:
 
         consumer = self._consumer = self._make_consumer()
         backoff = 0.2
+        unassigned_since: float | None = None
         try:
             while not self.stop.is_set():
+                # Watchdog: a member that has had no partitions for a long time is stuck in a
+                # rebalance (seen after a broker restart that forgot the group); start afresh. No
+                # offsets are lost: nothing uncommitted is held across this point.
+                if consumer.assignment():
+                    unassigned_since = None
+                elif unassigned_since is None:
+                    unassigned_since = time.monotonic()
+                elif time.monotonic() - unassigned_since > self.rejoin_after_s:
+                    log.warning("%s: no partitions assigned for %.0fs; reconnecting to the group", self.group_id,
+                                self.rejoin_after_s)
+                    try:
+                        consumer.close(autocommit=False)
+                    except Exception:
+                        pass
+                    consumer = self._consumer = self._make_consumer()
+                    unassigned_since = None
+                    self.rejoins += 1
                 batch: Batch = []
                 started = None
                 while not self.stop.is_set() and len(batch) < self.batch_max_records:
@@ -127,7 +147,7 @@ class BatchConsumer:
                 self.records += len(batch)
         finally:
             try:
-                consumer.close(autocommit=False)
+                self._consumer.close(autocommit=False)
             except Exception:
                 pass
 
