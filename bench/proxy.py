@@ -77,6 +77,33 @@ def cpu_times(core: str) -> tuple[int, int]:
     return 0, 0
 
 
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) used so far by a process and all its descendants (the capture
+    worker counts as the proxy's). Unlike req/s, this hardly moves when other work shares the core."""
+    children: dict[int, list[int]] = {}
+    stats: dict[int, list[str]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        stats[int(entry)] = fields
+        children.setdefault(int(fields[1]), []).append(int(entry))
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        if p in stats:
+            total += (int(stats[p][11]) + int(stats[p][12])) / _TICK
+        todo.extend(children.get(p, ()))
+    return total
+
+
 def rss_mb(pid: int) -> float:
     with open(f"/proc/{pid}/status") as fh:
         for line in fh:
@@ -100,6 +127,7 @@ class Sample:
     p99: float
     errors: int
     load_core_util: float
+    cpu_us: float = float("nan")  # server CPU per request (process tree), microseconds
 
 
 @dataclass
@@ -115,7 +143,8 @@ def _ratio(a: float, b: float) -> float:
     return a / b if b else float("nan")
 
 
-def run_wrk(url: str, lua: Path, conc: int, duration: float) -> Sample:
+def run_wrk(url: str, lua: Path, conc: int, duration: float, pid: int | None = None) -> Sample:
+    cpu0 = tree_cpu_s(pid) if pid else 0.0
     before = cpu_times(LOAD_CORE)
     out = subprocess.run(["taskset", "-c", LOAD_CORE, "wrk", "-t1", f"-c{conc}", f"-d{duration:g}s", "--latency", "-s", str(lua),
                           url], capture_output=True, text=True, timeout=duration + 60).stdout
@@ -131,7 +160,11 @@ def run_wrk(url: str, lua: Path, conc: int, duration: float) -> Sample:
     m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     if m:
         errors += int(m.group(1)) + int(m.group(3)) + int(m.group(4))
-    return Sample(rps, _ms(lat.get("50", "nan")), _ms(lat.get("99", "nan")), errors, util)
+    cpu_us = float("nan")
+    m = re.search(r"(\d+) requests in", out)
+    if pid and m and int(m.group(1)):
+        cpu_us = (tree_cpu_s(pid) - cpu0) * 1e6 / int(m.group(1))
+    return Sample(rps, _ms(lat.get("50", "nan")), _ms(lat.get("99", "nan")), errors, util, cpu_us)
 
 
 def main() -> int:
@@ -239,8 +272,8 @@ def main() -> int:
         for rnd in range(args.rounds):
             for mode, lua in luas.items():
                 for conc in concs:
-                    for name, (base, _) in targets.items():
-                        s = run_wrk(base + "/v1/chat/completions", lua, conc, args.duration)
+                    for name, (base, proc) in targets.items():
+                        s = run_wrk(base + "/v1/chat/completions", lua, conc, args.duration, proc.pid if proc else None)
                         cells.setdefault((name, mode, conc), Cell()).samples.append(s)
                         done += 1
                         print(f"\r[{done}/{total_runs}] round {rnd + 1} {mode:6} c={conc:<3} {name:9} {s.rps:9.0f} req/s "
@@ -250,8 +283,8 @@ def main() -> int:
         print(f"\nonpolicy proxy benchmark — {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {args.rounds} interleaved "
               f"rounds x {args.duration:g}s per cell, medians; server on core {SERVER_CORE}, wrk + stand-in upstream + broker "
               f"on core {LOAD_CORE}. Shared machine: expect noise, compare ratios within this run.\n")
-        hdr = f"{'mode':6} {'c':>4} {'target':9} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'+p50 ms':>8} {'+p99 ms':>8} " \
-              f"{'x relay':>8} {'x litellm':>9} {'errors':>6} {'load core':>9}"
+        hdr = f"{'mode':6} {'c':>4} {'target':11} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'+p50 ms':>8} {'+p99 ms':>8} " \
+              f"{'x relay':>8} {'x litellm':>9} {'cpu us/req':>10} {'errors':>6} {'load core':>9}"
         print(hdr)
         print("-" * len(hdr))
         for mode in luas:
@@ -267,8 +300,8 @@ def main() -> int:
                     xl = _ratio(c.med("rps"), lite.med("rps")) if lite and name != "direct" else float("nan")
                     errs = sum(s.errors for s in c.samples)
                     util = max(s.load_core_util for s in c.samples)
-                    print(f"{mode:6} {conc:>4} {name:9} {c.med('rps'):9.0f} {c.med('p50'):8.3f} {c.med('p99'):8.3f} "
-                          f"{add50:8.3f} {add99:8.3f} {xr:8.2f} {xl:9.1f} {errs:6d} {util:8.0f}%")
+                    print(f"{mode:6} {conc:>4} {name:11} {c.med('rps'):9.0f} {c.med('p50'):8.3f} {c.med('p99'):8.3f} "
+                          f"{add50:8.3f} {add99:8.3f} {xr:8.2f} {xl:9.1f} {c.med('cpu_us'):10.0f} {errs:6d} {util:8.0f}%")
                 print()
         print("Targets (capture on):")
         for on_name in ("proxy-on", "proxy-on-w1"):
@@ -281,7 +314,12 @@ def main() -> int:
                 if on and relay:
                     print(f"  {tag} c=32 throughput vs relay: {_ratio(on.med('rps'), relay.med('rps')):.2f}x (target >= 0.95)")
                 if on and off:
-                    print(f"  {tag} c=32 capture on vs off: {_ratio(on.med('rps'), off.med('rps')):.2f}x (target >= 0.90)")
+                    print(f"  {tag} c=32 capture on vs off: {_ratio(on.med('rps'), off.med('rps')):.2f}x (target >= 0.90); "
+                          f"CPU per request {on.med('cpu_us'):.0f} vs {off.med('cpu_us'):.0f} us "
+                          f"({_ratio(off.med('cpu_us'), on.med('cpu_us')):.2f}x, the noise-resistant view)")
+                if on and relay:
+                    print(f"  {tag} c=32 CPU per request vs relay: {on.med('cpu_us'):.0f} vs {relay.med('cpu_us'):.0f} us "
+                          f"(throughput per core {_ratio(relay.med('cpu_us'), on.med('cpu_us')):.2f}x the relay's)")
                 lite = cells.get(("litellm", mode, 32))
                 if on and lite:
                     print(f"  {tag} c=32 vs LiteLLM's proxy: {_ratio(on.med('rps'), lite.med('rps')):.1f}x (target >= 50)")

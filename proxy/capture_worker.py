@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import fcntl
+import itertools
 import json
 import logging
 import os
@@ -49,6 +50,7 @@ log = logging.getLogger(__name__)
 
 FRAME = struct.Struct("<III")
 PIPE_BYTES = 1 << 20
+_IOV_MAX = 512
 _F_SETPIPE_SZ = 1031
 _META_FIELDS = ("endpoint", "interaction_id", "public_model", "t0", "upstream", "upstream_model", "adapter_version",
                 "stream", "episode_id", "user_id", "tenant", "train_opt_out", "status", "t_first", "t_end", "error",
@@ -58,13 +60,14 @@ _META_FIELDS = ("endpoint", "interaction_id", "public_model", "t0", "upstream", 
 def pack(ex: Exchange, request_body: bytes) -> bytes:
     meta = {name: getattr(ex, name) for name in _META_FIELDS}
     if ex.response is not None:
-        response, meta["kind"] = orjson.dumps(ex.response), "object"
+        response, meta["kind"] = [orjson.dumps(ex.response)], "object"
     elif ex.body is not None:
-        response, meta["kind"] = ex.body, "body"
+        response, meta["kind"] = [ex.body], "body"
     else:
-        response, meta["kind"] = b"".join(ex.chunks), "chunks"
+        response, meta["kind"] = ex.chunks, "chunks"
     meta_b = orjson.dumps(meta)
-    return b"".join((FRAME.pack(len(meta_b), len(request_body), len(response)), meta_b, request_body, response))
+    size = sum(len(c) for c in response)
+    return b"".join((FRAME.pack(len(meta_b), len(request_body), size), meta_b, request_body, *response))
 
 
 def unpack(meta_b: bytes, request_body: bytes, response: bytes) -> Exchange:
@@ -110,6 +113,7 @@ class CaptureWorker:
         self._partial = False  # the queue's head is the rest of a frame already partly in the pipe
         self._loop: asyncio.AbstractEventLoop | None = None
         self._writer_armed = False
+        self._flush_scheduled = False
         self._proc: subprocess.Popen | None = None
         self._fd = -1
 
@@ -158,39 +162,23 @@ class CaptureWorker:
 
     # -- the hot path ----------------------------------------------------------------------
     def record(self, ex: Exchange) -> None:
+        """Queue one exchange; the queue is written to the pipe once per loop iteration (one
+        ``writev`` for every exchange that finished in it, so one wake-up of the worker)."""
         try:
             frame = pack(ex, ex.request_body or b"")
         except Exception:
             self.failed += 1
             log.exception("could not pack the exchange %s for capture", ex.interaction_id)
             return
-        if self._queue:
-            self._enqueue(frame)
-            return
-        try:
-            n = os.write(self._fd, frame)
-        except BlockingIOError:
-            n = 0
-        except (BrokenPipeError, OSError):
-            self._worker_died()
-            self._enqueue(frame)
-            self._flush()
-            return
-        self.emitted += 1
-        if n < len(frame):
-            self._queue.append(memoryview(frame)[n:])
-            self._queue_bytes += len(frame) - n
-            self._partial = n > 0
-            self._arm_writer()
-
-    def _enqueue(self, frame: bytes) -> None:
         if self._queue_bytes + len(frame) > self.max_queue_bytes:
             self.dropped += 1
             return
         self._queue.append(memoryview(frame))
         self._queue_bytes += len(frame)
         self.emitted += 1
-        self._arm_writer()
+        if not self._flush_scheduled and not self._writer_armed and self._loop is not None:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
 
     def _arm_writer(self) -> None:
         if not self._writer_armed and self._loop is not None and self._fd >= 0:
@@ -198,22 +186,31 @@ class CaptureWorker:
             self._writer_armed = True
 
     def _flush(self) -> None:
+        self._flush_scheduled = False
         while self._queue:
-            head = self._queue[0]
+            batch = list(itertools.islice(self._queue, 0, _IOV_MAX))
             try:
-                n = os.write(self._fd, head)
+                n = os.writev(self._fd, batch)
             except BlockingIOError:
+                self._arm_writer()
                 return
             except (BrokenPipeError, OSError):
                 self._worker_died()
                 continue
             self._queue_bytes -= n
-            if n < len(head):
-                self._queue[0] = head[n:]
-                self._partial = True
-                return
-            self._queue.popleft()
             self._partial = False
+            while n:
+                head = self._queue[0]
+                if len(head) <= n:
+                    n -= len(head)
+                    self._queue.popleft()
+                else:
+                    self._queue[0] = head[n:]
+                    self._partial = True  # the worker has the start of this frame
+                    n = 0
+            if self._partial:  # the pipe is full: wait until it is writable
+                self._arm_writer()
+                return
         if self._writer_armed and self._loop is not None:
             self._loop.remove_writer(self._fd)
             self._writer_armed = False
@@ -259,11 +256,6 @@ class CaptureWorker:
 
 
 # -- the worker process ------------------------------------------------------------------------
-def _read_exact(f, n: int) -> bytes:
-    data = f.read(n)
-    return data if data is not None else b""
-
-
 def worker_main(fd: int, config: dict[str, Any]) -> int:
     # The proxy decides when we stop (by closing the pipe); signals aimed at its group are not for us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -298,24 +290,37 @@ def worker_main(fd: int, config: dict[str, Any]) -> int:
                 pass
 
     threading.Thread(target=stats_loop, name="capture-stats", daemon=True).start()
-    f = os.fdopen(fd, "rb", buffering=PIPE_BYTES)
+    buf = bytearray()
+    pos = 0
     try:
         while True:
-            head = _read_exact(f, FRAME.size)
-            if len(head) < FRAME.size:
+            data = os.read(fd, PIPE_BYTES)
+            if not data:
+                if len(buf) > pos:
+                    log.error("the pipe ended inside a frame (the proxy died mid-write); that exchange is lost")
                 break  # EOF: the proxy closed its end (or died)
-            meta_len, req_len, resp_len = FRAME.unpack(head)
-            body = _read_exact(f, meta_len + req_len + resp_len)
-            if len(body) < meta_len + req_len + resp_len:
-                log.error("the pipe ended inside a frame (the proxy died mid-write); that exchange is lost")
-                break
-            try:
-                ex = unpack(body[:meta_len], body[meta_len:meta_len + req_len], body[meta_len + req_len:])
-            except Exception:
-                capture.failed += 1
-                log.exception("could not unpack a capture frame")
-                continue
-            capture.record(ex)
+            buf += data
+            while len(buf) - pos >= FRAME.size:
+                meta_len, req_len, resp_len = FRAME.unpack_from(buf, pos)
+                end = pos + FRAME.size + meta_len + req_len + resp_len
+                if end > len(buf):
+                    break
+                a = pos + FRAME.size
+                b, c = a + meta_len, a + meta_len + req_len
+                try:
+                    ex = unpack(bytes(buf[a:b]), bytes(buf[b:c]), bytes(buf[c:end]))
+                except Exception:
+                    capture.failed += 1
+                    log.exception("could not unpack a capture frame")
+                else:
+                    capture.record(ex)
+                pos = end
+            del buf[:pos]
+            pos = 0
+            if len(data) < PIPE_BYTES // 4:
+                # Little was waiting: let exchanges gather for a moment, so the proxy's writes wake
+                # us a few hundred times a second at most instead of once per request.
+                time.sleep(0.005)
     finally:
         done.set()
         write_stats()

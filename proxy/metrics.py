@@ -43,6 +43,12 @@ class ProxyMetrics:
             return model
         return "other"
 
+    def observe_upstream(self, route: str, upstream: str, seconds: float) -> None:
+        child = self._children.get((route, upstream))
+        if child is None:
+            child = self._children[(route, upstream)] = self.upstream_latency.labels(route, upstream)
+        child.observe(seconds)
+
     def observe(self, route: str, model: str, version: str | None, status: int, seconds: float) -> None:
         key = (route, model, version, status)
         pair = self._children.get(key)

@@ -138,7 +138,7 @@ async def openai_post(request: web.Request) -> web.StreamResponse:
             resp = web.Response(status=err.status, body=err.body(), content_type="application/json", headers=headers)
             await _finish(request, resp)
             return resp
-        st.metrics.upstream_latency.labels(route, st.upstream.name).observe(time.perf_counter() - t0)
+        st.metrics.observe_upstream(route, st.upstream.name, time.perf_counter() - t0)
         if upstream.content_type == "text/event-stream":
             return await _relay_stream(request, st, upstream, ex, headers, route in REWRITE_ID)
         return await _relay_body(request, st, upstream, ex, headers, route in REWRITE_ID)
