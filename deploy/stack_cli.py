@@ -12,6 +12,8 @@ import time
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("up", help="start the local stack (embedded defaults) and wait for traffic; Ctrl-C stops it")
     p.add_argument("--duration", type=float, default=None, help="stop by itself after this many seconds")
+    p.add_argument("--model", default=None, help="model to serve (default: the tiny demo model; or smollm2-135m-instruct)")
+    p.add_argument("--no-serve", action="store_true", help="only the data plane: broker, sink, warehouse")
     p.set_defaults(func=run_up)
 
 
@@ -23,7 +25,7 @@ def run_up(args) -> int:
         signal.signal(sig, lambda *_: stop.set())
     stack = Stack()
     try:
-        where = stack.up()
+        where = stack.up(model=args.model, serve=not args.no_serve)
         width = max(len(k) for k in where)
         print("\nonpolicy is up:")
         for k, v in where.items():

@@ -25,6 +25,9 @@ from streams.settings import default_home
 
 log = logging.getLogger(__name__)
 
+# The demo model: the tiny model built offline from a seed, so learning shows within minutes on CPU.
+DEMO_MODEL = "onpolicy-tiny"
+
 
 @dataclass
 class ManagedProcess:
@@ -82,6 +85,7 @@ class Stack:
     processes: list[ManagedProcess] = field(default_factory=list)
     broker: EmbeddedBroker | None = None
     ports: dict[str, int] = field(default_factory=dict)
+    vllm: object | None = None
 
     def _load_ports(self) -> None:
         state = self.home / "stack.json"
@@ -101,32 +105,71 @@ class Stack:
         )
         return env
 
-    def up(self) -> dict[str, str]:
+    def up(self, *, model: str | None = None, serve: bool = True) -> dict[str, str]:
+        """Start everything in dependency order; return where each part is, for the summary."""
         from tqdm import tqdm
 
         from streams.kafka_admin import ensure_topics
         from streams.settings import KafkaSettings
 
         self._load_ports()
-        steps = ["broker", "topics", "sink"]
-        with tqdm(total=len(steps), desc="starting onpolicy", unit="service", file=sys.stderr) as bar:
+        steps = ["broker", "topics", "sink"] + (["model", "vLLM", "proxy"] if serve else [])
+        where: dict[str, str] = {}
+        with tqdm(total=len(steps), desc="starting onpolicy", unit="step", file=sys.stderr) as bar:
+            def done(name: str) -> None:
+                bar.set_postfix_str(name)
+                bar.update()
+
             self.broker = EmbeddedBroker(data_dir=self.home / "broker", durable=True, port=self.ports["broker"],
                                          s3_port=self.ports["broker_store"]).start()
-            bar.set_postfix_str("broker"); bar.update()
+            done("broker")
             ensure_topics(KafkaSettings(bootstrap_servers=self.broker.bootstrap_servers))
-            bar.set_postfix_str("topics"); bar.update()
+            done("topics")
             sink = ManagedProcess(
                 "sink", [sys.executable, "-m", "deploy.cli", "sink", "--metrics-port", str(self.ports["sink_metrics"])],
                 self.env(), self.home / "logs" / "sink.log",
                 ready=http_ok(f"http://127.0.0.1:{self.ports['sink_metrics']}/metrics"))
             sink.start()
             self.processes.append(sink)
-            bar.set_postfix_str("sink"); bar.update()
+            done("sink")
+            if serve:
+                where.update(self._serve(model or DEMO_MODEL, done))
         return {
+            **where,
             "kafka bootstrap servers": self.broker.bootstrap_servers,
             "warehouse": f"chdb://{self.home / 'warehouse'} (owned by the sink process)",
             "sink metrics": f"http://127.0.0.1:{self.ports['sink_metrics']}/metrics",
             "logs": str(self.home / "logs"),
+        }
+
+    def _serve(self, model: str, done: Callable[[str], None]) -> dict[str, str]:
+        """vLLM (CPU build) with the demo model, and the proxy in front of it."""
+        from learner.models import ensure_model
+        from learner.serving import ServingSettings, VllmServer
+
+        built = ensure_model(model)
+        done("model")
+        for name in ("vllm", "proxy"):
+            self.ports.setdefault(name, free_port())
+        (self.home / "stack.json").write_text(json.dumps({"ports": self.ports}, indent=2))
+        self.vllm = VllmServer(built.path, built.served_name,
+                               ServingSettings(port=self.ports["vllm"], log_dir=self.home / "logs"), name="vllm")
+        self.vllm.start()
+        done("vLLM")
+        proxy_env = self.env()
+        proxy_env.update(ONPOLICY_PRODUCER_SPOOL_DIR=str(self.home / "spool" / "proxy"))
+        proxy = ManagedProcess(
+            "proxy", [sys.executable, "-m", "deploy.cli", "proxy", "--port", str(self.ports["proxy"]),
+                      "--upstream-url", self.vllm.base_url],
+            proxy_env, self.home / "logs" / "proxy.log", ready=http_ok(f"http://127.0.0.1:{self.ports['proxy']}/healthz"))
+        proxy.start()
+        self.processes.append(proxy)
+        done("proxy")
+        return {
+            "OpenAI base_url": f"http://127.0.0.1:{self.ports['proxy']}/v1",
+            "model": built.served_name,
+            "proxy metrics": f"http://127.0.0.1:{self.ports['proxy']}/metrics",
+            "vLLM (direct)": self.vllm.base_url,
         }
 
     def watch(self) -> str | None:
@@ -140,5 +183,7 @@ class Stack:
         """Stop in reverse order of start: consumers drain and commit before the broker goes."""
         for p in reversed(self.processes):
             p.stop()
+        if self.vllm is not None:
+            self.vllm.stop()
         if self.broker is not None:
             self.broker.stop()
