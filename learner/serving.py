@@ -173,6 +173,10 @@ class VllmServer:
 
     def __post_init__(self) -> None:
         self.model_path = Path(self.model_path)
+        # vLLM refuses a --max-model-len above the model's positions (the tiny model has 256).
+        limit = _max_positions(self.model_path)
+        if limit is not None and self.settings.max_model_len > limit:
+            self.settings = self.settings.model_copy(update={"max_model_len": limit})
         self.port = self.settings.port or free_port(self.settings.host)
         self.host = self.settings.host
         log_dir = self.settings.log_dir or onpolicy_home() / "logs"
@@ -284,6 +288,14 @@ class VllmServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _max_positions(model_path: Path) -> int | None:
+    try:
+        value = json.loads((model_path / "config.json").read_text()).get("max_position_embeddings")
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, int) and value > 0 else None
 
 
 def _wait_group_gone(pgid: int, timeout_s: float) -> None:
