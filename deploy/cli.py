@@ -12,6 +12,7 @@ import sys
 # ``func(args) -> int | None`` is the exit status. Modules must not import torch at import time.
 COMMAND_MODULES = (
     "deploy.stack_cli",
+    "deploy.demo_cli",
     "streams.cli",
     "proxy.cli",
     "learner.cli",

@@ -172,6 +172,11 @@ class Stack:
             "vLLM (direct)": self.vllm.base_url,
         }
 
+    def demo_api_key(self) -> str | None:
+        """The feedback API key the local stack's simulated users use (created on first start)."""
+        path = self.home / "secrets" / "demo_api_key"
+        return path.read_text().strip() if path.exists() else None
+
     def watch(self) -> str | None:
         """The name of a process that died, if any."""
         for p in self.processes:
