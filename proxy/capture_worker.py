@@ -114,6 +114,9 @@ class CaptureWorker:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._writer_armed = False
         self._flush_scheduled = False
+        self._spawned_at = 0.0
+        self._backoff_s = 0.5
+        self._closing = False
         self._proc: subprocess.Popen | None = None
         self._fd = -1
 
@@ -138,12 +141,14 @@ class CaptureWorker:
         self._proc = subprocess.Popen(cmd, pass_fds=(r,), start_new_session=True, env=env)
         os.close(r)
         self._fd = w
+        self._spawned_at = time.monotonic()
         log.info("capture worker started (pid %d)", self._proc.pid)
 
     async def close(self, timeout_s: float = 15.0) -> None:
         """Hand over what is queued (up to ``timeout_s``), close the pipe, let the worker flush and exit."""
+        self._closing = True
         deadline = time.monotonic() + timeout_s
-        while self._queue and time.monotonic() < deadline:
+        while self._queue and self._fd >= 0 and time.monotonic() < deadline:
             self._flush()
             if self._queue:
                 await asyncio.sleep(0.01)
@@ -187,6 +192,8 @@ class CaptureWorker:
 
     def _flush(self) -> None:
         self._flush_scheduled = False
+        if self._fd < 0:
+            return  # no worker right now (restart pending): frames wait in the queue
         while self._queue:
             batch = list(itertools.islice(self._queue, 0, _IOV_MAX))
             try:
@@ -196,6 +203,8 @@ class CaptureWorker:
                 return
             except (BrokenPipeError, OSError):
                 self._worker_died()
+                if self._fd < 0:
+                    return
                 continue
             self._queue_bytes -= n
             self._partial = False
@@ -217,7 +226,6 @@ class CaptureWorker:
 
     def _worker_died(self) -> None:
         code = self._proc.poll() if self._proc is not None else None
-        log.error("capture worker exited (status %s); starting a new one; frames inside its pipe are lost", code)
         if self._writer_armed and self._loop is not None:
             self._loop.remove_writer(self._fd)
             self._writer_armed = False
@@ -230,12 +238,27 @@ class CaptureWorker:
             os.close(self._fd)
         except OSError:
             pass
+        self._fd = -1
         if self._partial and self._queue:  # the rest of a frame whose start died with the pipe
             self._queue_bytes -= len(self._queue.popleft())
             self._partial = False
         self.restarts += 1
+        # A worker that dies right after starting (a spool directory locked by another proxy, a bad
+        # setting) must not be restarted once per request: back off, keep queueing meanwhile.
+        quick = time.monotonic() - self._spawned_at < 10.0
+        self._backoff_s = min(self._backoff_s * 2, 30.0) if quick else 0.0
+        log.error("capture worker exited (status %s; %d bytes it never read are lost); starting a new one%s", code, unread,
+                  f" in {self._backoff_s:.1f}s" if self._backoff_s else "")
+        if self._backoff_s and self._loop is not None:
+            self._loop.call_later(self._backoff_s, self._respawn)
+        else:
+            self._respawn()
+
+    def _respawn(self) -> None:
+        if self._closing:
+            return
         self._spawn()
-        self._arm_writer()
+        self._flush()
 
     # -- observability ---------------------------------------------------------------------
     @property
@@ -260,6 +283,11 @@ def worker_main(fd: int, config: dict[str, Any]) -> int:
     # The proxy decides when we stop (by closing the pipe); signals aimed at its group are not for us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # Capture is background work: where it shares a core with the relay, the relay goes first.
+    try:
+        os.nice(int(config.get("nice", 10)))
+    except OSError:
+        pass
     logging.basicConfig(level=config.get("log_level", "INFO"), format="%(asctime)s %(levelname)s capture-worker: %(message)s")
     from proxy.capture import Capture
     from proxy.redaction import load_redactor

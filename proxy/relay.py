@@ -37,6 +37,8 @@ ENDPOINTS: dict[str, tuple[str, str | None, tuple[type, ...] | None]] = {
     "/embeddings": ("embd-", "input", (str, list)),
     "/responses": ("resp-", "input", None),
 }
+# vLLM's runtime LoRA API: only the learner's publisher may call it, never a client through the proxy.
+UPSTREAM_ADMIN = frozenset({"/load_lora_adapter", "/unload_lora_adapter"})
 # Endpoints whose response ``id`` becomes the interaction id. (The Responses API's id is kept: a
 # client chains turns with previous_response_id, which the upstream must recognise.)
 REWRITE_ID = frozenset({"/chat/completions", "/completions"})
@@ -287,6 +289,9 @@ async def forward_other(request: web.Request) -> web.StreamResponse:
     st: ProxyState = request.app[STATE]
     if request.path[3:] in ENDPOINTS:  # a known endpoint with the wrong method
         raise ProxyError(405, f"{request.method} is not allowed on {request.path}; use POST", code="method_not_allowed")
+    if request.path[3:] in UPSTREAM_ADMIN:
+        raise ProxyError(404, f"{request.path} is not exposed through the proxy: adapters are loaded by the learner's "
+                              "publisher and routed with the admin API", code="not_found")
     body = await request.read() if request.can_read_body else None
     upstream = await st.upstream.request(request.method, request.path[3:], body, st.upstream.headers(request.headers),
                                          stream=True, query=request.query_string)
