@@ -1,0 +1,605 @@
+"""LoRA training on the served base model: GRPO with a KL guard, self-distillation from
+corrections (SDFT), and an SFT baseline. The only torch-heavy module of the learner.
+
+What it optimises, and what it refuses to
+    GRPO (group-relative policy optimisation) samples ``group_size`` answers per prompt from the
+    policy that is actually served (the production adapter's weights), scores them with a
+    :class:`ValidatedObjective` -- the family's combined reward *with the validation reports that
+    let each weighted component carry weight* -- and pushes up answers that beat their group's mean.
+    A reward that was never validated, failed validation, was retired on re-validation, or whose
+    version differs from the one validated is refused (:class:`UnvalidatedReward`) before a single
+    sample is drawn: INFRA.md measured a format-only reward being hacked to 0.9 in 7 minutes
+    ("Poland" as the capital of everything), so only rewards that agree with held-out human
+    feedback are ever optimised.
+
+Why our own loss and loop, not TRL's ``GRPOTrainer`` / ``GKDTrainer``
+    We read TRL's GRPO trainer (per-token ``exp(logp - logp.detach()) * A`` with a k3 KL estimate
+    ``exp(ref - logp) - (ref - logp) - 1``, mean over each answer's tokens, then over answers) and
+    GKD trainer (generalised JSD between student and teacher on student samples). We use the same
+    mathematics but not the classes, because: (1) our data is a stream of prompt pools and
+    validated rewards that change between rounds, while both trainers are built around a
+    ``datasets.Dataset`` and a ``transformers.Trainer`` epoch loop; (2) we need the adapter alone
+    (not a merged model) checkpointed with the optimizer and the consumed offsets after every step
+    so a SIGKILL resumes exactly (loop.py), which the HF Trainer's checkpointing does not tie to
+    our offsets; (3) on 2 CPU cores every forward counts: GKD's teacher is a second model, while
+    SDFT's teacher is *the same weights* with the demonstration in context (one model, two
+    contexts), and GRPO's reference is the base with the adapter switched off (peft
+    ``disable_adapter``) or the production adapter loaded beside the trainee -- no second copy of
+    the base; (4) TRL is not a dependency and pulls ``datasets``/``accelerate`` into the learner.
+    The losses are small pure functions (:func:`grpo_loss`, :func:`reverse_kl_per_token`) tested
+    against hand-computed cases (tests/unit/test_trainer_loss.py).
+
+Rollouts: in-process ``generate``, not vLLM
+    Rollouts are sampled in this process with transformers ``generate`` on the trainee itself,
+    which at step 0 of a round holds exactly the production adapter's weights (the round starts
+    from the production adapter's files). Measured here (bench/learn.py, same run, tiny model):
+    in-process sampling is faster than vLLM-CPU at the batch sizes GRPO uses, and it keeps
+    rollouts strictly on-policy *within* a round (vLLM would serve the step-0 weights until a new
+    adapter is published, making later steps off-policy). On a GPU, vLLM rollouts with per-step
+    adapter sync would win; the policy object is the one seam to change.
+
+Logged traffic: environments to re-sample, never importance-weighted
+    Logged answers came from whatever adapter (or hosted model through litellm) served them; many
+    have no logprobs at all, and per-token importance ratios between a LoRA several versions old and
+    the current one explode on long answers even when clipped. So logged traffic is used only as
+    *environments*: its prompts are re-sent to the current policy (prompt pools) and its judged
+    answers fit and validate the rewards. Every gradient comes from samples of the current weights.
+
+SDFT (arXiv 2601.19897) and SFT
+    For a prompt with a correction, the teacher is the same model with the correction shown in
+    context (:func:`teacher_messages`); the student is the model without it. The student samples
+    its own answer; the loss is the per-token reverse KL ``KL(student || teacher)`` over the full
+    vocabulary at each of the student's tokens, teacher logits detached. SFT is cross-entropy on
+    the correction. Which forgets less is measured (tests/unit/test_trainer_sdft.py), not assumed.
+
+Determinism: every random draw (LoRA init, sampling) comes from ``torch.manual_seed`` derived from
+``(seed, step)``; with the same settings, data and thread count two runs write identical adapters.
+Threads: ``TrainerSettings.threads`` (1 was fastest under load on the 2-core machine).
+The same code runs on a GPU (``device``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from learner.rewards.base import Completion
+from learner.rewards.combiner import CombinedReward
+from learner.types import Message, ValidationReport
+
+log = logging.getLogger(__name__)
+
+
+# -- settings -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TrainerSettings:
+    """Everything that shapes an update; stored with every adapter as its hyperparameters.
+
+    ``beta``: weight of the KL guard to the reference (0 turns it off). ``reference``: "base" (the
+    adapter switched off) or "production" (the adapter the round started from). ``clip_eps``: PPO
+    clip on the ratio to the sampling policy when a batch is reused for ``inner_steps`` > 1.
+    """
+
+    seed: int = 0
+    threads: int = 1
+    device: str = "cpu"
+    lora_r: int = 8
+    lora_alpha: int = 16
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    group_size: int = 8
+    prompts_per_step: int = 8
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    beta: float = 0.02
+    clip_eps: float = 0.2
+    inner_steps: int = 1
+    grad_clip: float = 1.0
+    reference: str = "base"
+
+    def __post_init__(self) -> None:
+        if self.reference not in ("base", "production"):
+            raise ValueError(f"reference must be 'base' or 'production', got {self.reference!r}")
+        if self.group_size < 2:
+            raise ValueError("group_size must be >= 2: GRPO's advantage compares answers within a group")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["target_modules"] = list(self.target_modules)
+        return d
+
+
+# -- rewards the trainer accepts ----------------------------------------------------------------
+
+class UnvalidatedReward(RuntimeError):
+    """The learner was asked to optimise a reward that has not passed validation against held-out
+    human feedback (or passed at a different version). Nothing was trained."""
+
+
+@dataclass(frozen=True)
+class ValidatedObjective:
+    """A family's combined reward together with the validation reports that justify its weights.
+
+    Construction checks: the combiner carries weight on at least one reward, and every component
+    with weight > 0 has a *passed* report for exactly its name and version. The trainer accepts
+    nothing else as a reward.
+    """
+
+    combined: CombinedReward
+    reports: Mapping[str, ValidationReport]
+
+    def __post_init__(self) -> None:
+        if not self.combined.trainable:
+            raise UnvalidatedReward(
+                f"family {self.combined.family_id}: no validated reward carries weight (every candidate was "
+                "rejected, retired or lacks held-out feedback); the learner will not train this family")
+        for c in self.combined.components:
+            if c.weight <= 0:
+                continue
+            rep = self.reports.get(c.reward.name)
+            if rep is None:
+                raise UnvalidatedReward(f"reward {c.reward.name} has weight {c.weight} but no validation report: "
+                                        "validate it against held-out feedback first (learner.rewards.validation)")
+            if rep.reward_version != c.reward.version:
+                raise UnvalidatedReward(f"reward {c.reward.name} is version {c.reward.version} but the report "
+                                        f"validated {rep.reward_version}: re-validate the new version")
+            if not rep.passed:
+                raise UnvalidatedReward(f"reward {c.reward.name} did not pass validation ({rep.reason}); "
+                                        "it must carry weight 0")
+
+    @property
+    def family_id(self) -> str:
+        return self.combined.family_id
+
+    @property
+    def version(self) -> str:
+        return self.combined.version
+
+    def score(self, prompts: Sequence[Any], texts: Sequence[str]) -> list[float | None]:
+        results = self.combined.score_many(prompts, [Completion(t) for t in texts])
+        return [r.score for r in results]
+
+    @classmethod
+    def from_registry(cls, warehouse, family_id: str) -> "ValidatedObjective":
+        """The family's active rewards and their latest validation figures, as stored by the
+        environments engineer's ``RewardRegistry`` (only ``active`` rewards carry weight there)."""
+        import datetime as dt
+
+        from learner.rewards.registry import RewardRegistry
+
+        combined = RewardRegistry(warehouse).load_combined(family_id)
+        rows = warehouse.query_dicts(
+            "SELECT name, reward_version, argMax(passed, validated_at) AS passed, argMax(reason, validated_at) AS reason, "
+            "argMax(auc, validated_at) AS auc, argMax(ci_low, validated_at) AS ci_low, max(validated_at) AS at "
+            "FROM {db}.reward_validations FINAL WHERE family_id = {f:String} GROUP BY name, reward_version",
+            {"f": family_id})
+        reports = {}
+        for r in rows:
+            reports[r["name"]] = ValidationReport(
+                r["name"], r["reward_version"], family_id, 0, 0, 0, 0.0, r["auc"], r["ci_low"], None, None, 0.0,
+                bool(r["passed"]), r["reason"], r["at"].replace(tzinfo=dt.timezone.utc))
+        # keep the report of the version actually in the combiner
+        versions = {c.reward.name: c.reward.version for c in combined.components}
+        for r in rows:
+            if versions.get(r["name"]) == r["reward_version"]:
+                reports[r["name"]] = ValidationReport(
+                    r["name"], r["reward_version"], family_id, 0, 0, 0, 0.0, r["auc"], r["ci_low"], None, None, 0.0,
+                    bool(r["passed"]), r["reason"], r["at"].replace(tzinfo=dt.timezone.utc))
+        return cls(combined, reports)
+
+
+# -- losses (pure functions, tested by hand) ----------------------------------------------------
+
+def group_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """GRPO advantages for a ``[groups, group_size]`` reward tensor: (r - group mean) / (group std +
+    eps), population std. A group whose answers all scored the same teaches nothing: advantage 0."""
+    mean = rewards.mean(dim=1, keepdim=True)
+    std = rewards.std(dim=1, unbiased=False, keepdim=True)
+    return (rewards - mean) / (std + eps)
+
+
+def grpo_loss(logp: torch.Tensor, ref_logp: torch.Tensor | None, advantages: torch.Tensor, mask: torch.Tensor,
+              beta: float, old_logp: torch.Tensor | None = None, clip_eps: float = 0.2
+              ) -> tuple[torch.Tensor, dict[str, float]]:
+    """GRPO loss with a KL guard.
+
+    ``logp``, ``ref_logp``, ``old_logp``: ``[B, T]`` log-probabilities of the sampled tokens under the
+    trainee, the reference and the sampling policy; ``advantages``: ``[B]``; ``mask``: ``[B, T]``, 1
+    on answer tokens. Per token::
+
+        ratio = exp(logp - old_logp)            (old_logp = logp.detach() when absent: ratio 1, gradient of logp)
+        pg    = -min(ratio * A, clip(ratio, 1-eps, 1+eps) * A)
+        kl    = exp(ref - logp) - (ref - logp) - 1        (k3: unbiased, >= 0)
+        loss_token = pg + beta * kl
+
+    then the mean over each answer's tokens, then over answers. Returns (loss, metrics).
+    """
+    mask = mask.to(logp.dtype)
+    if old_logp is None:
+        old_logp = logp.detach()
+    ratio = torch.exp(logp - old_logp)
+    adv = advantages.unsqueeze(1)
+    pg = -torch.minimum(ratio * adv, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * adv)
+    per_token = pg
+    kl = torch.zeros_like(logp)
+    if ref_logp is not None and beta > 0:
+        delta = ref_logp - logp
+        kl = torch.exp(delta) - delta - 1
+        per_token = pg + beta * kl
+    lengths = mask.sum(dim=1).clamp(min=1)
+    loss = ((per_token * mask).sum(dim=1) / lengths).mean()
+    mean_kl = float(((kl * mask).sum(dim=1) / lengths).mean().detach())
+    return loss, {"kl": mean_kl, "pg": float(((pg * mask).sum(dim=1) / lengths).mean().detach())}
+
+
+def reverse_kl_per_token(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """``KL(student || teacher)`` over the vocabulary at each position: ``sum_v p_s (log p_s - log p_t)``.
+    Shapes ``[..., V]`` -> ``[...]``. The teacher side is detached: the teacher is a target."""
+    log_s = F.log_softmax(student_logits.float(), dim=-1)
+    log_t = F.log_softmax(teacher_logits.detach().float(), dim=-1)
+    return (log_s.exp() * (log_s - log_t)).sum(dim=-1)
+
+
+def masked_mean_per_sequence(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    mask = mask.to(values.dtype)
+    return ((values * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)).mean()
+
+
+SDFT_TEMPLATE = "{question}\n\nHere is an example of a good answer:\n{demo}\n\nNow answer the question yourself."
+
+
+def teacher_messages(messages: Sequence[Message], demonstration: str) -> list[Message]:
+    """The SDFT teacher's context: the user's question with the demonstration shown in context
+    (the paper conditions the same model on the demonstration; this is our wording of it)."""
+    out = [dict(m) for m in messages]
+    for m in reversed(out):
+        if m.get("role") == "user":
+            m["content"] = SDFT_TEMPLATE.format(question=m.get("content") or "", demo=demonstration)
+            break
+    return out
+
+
+# -- the policy ---------------------------------------------------------------------------------
+
+@dataclass
+class Rollouts:
+    """Sampled answers: ``ids`` ``[B, P+T]`` (prompt left-padded, answer right-padded), ``attn`` the
+    attention mask, ``answer_mask`` 1 on answer tokens up to and including the end token."""
+
+    ids: torch.Tensor
+    attn: torch.Tensor
+    answer_mask: torch.Tensor
+    prompt_len: int
+    texts: list[str]
+    prompt_index: list[int]
+    seconds: float
+
+    @property
+    def answer_tokens(self) -> int:
+        return int(self.answer_mask.sum())
+
+
+def _positions(attn: torch.Tensor) -> torch.Tensor:
+    # left padding: positions count real tokens only, as generate() does
+    return (attn.long().cumsum(dim=1) - 1).clamp(min=0)
+
+
+class LoraPolicy:
+    """The base model with one trainable LoRA adapter ("default"); optionally the production adapter
+    loaded beside it as "reference" (frozen) for the KL guard.
+
+    ``adapter_dir``: start from these adapter files (the production adapter) instead of a fresh
+    LoRA (whose B matrices start at zero, so a fresh policy equals the base).
+    """
+
+    def __init__(self, base_path: str | Path, settings: TrainerSettings, adapter_dir: str | Path | None = None):
+        from peft import LoraConfig, PeftModel, get_peft_model
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.settings = settings
+        torch.set_num_threads(settings.threads)
+        torch.manual_seed(settings.seed)
+        self.base_path = str(base_path)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.base_path)
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        base = AutoModelForCausalLM.from_pretrained(self.base_path, dtype=torch.float32).to(settings.device)
+        base.requires_grad_(False)
+        if adapter_dir is not None:
+            self.model = PeftModel.from_pretrained(base, str(adapter_dir), adapter_name="default", is_trainable=True)
+        else:
+            cfg = LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=0.0,
+                             target_modules=list(settings.target_modules), task_type="CAUSAL_LM")
+            self.model = get_peft_model(base, cfg)
+        self.has_reference_adapter = False
+        if settings.reference == "production" and adapter_dir is not None:
+            self.model.load_adapter(str(adapter_dir), adapter_name="reference", is_trainable=False)
+            self.model.set_adapter("default")
+            self.has_reference_adapter = True
+        self.eos_id = self.tokenizer.eos_token_id
+        self.pad_id = self.tokenizer.pad_token_id
+
+    # -- parameters ---------------------------------------------------------------------------
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for n, p in self.model.named_parameters() if p.requires_grad and ".default." in n]
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        from peft import get_peft_model_state_dict
+
+        return {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.model, adapter_name="default").items()}
+
+    def load_adapter_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(self.model, dict(state), adapter_name="default")
+
+    def save_adapter(self, out_dir: str | Path) -> Path:
+        """Write the trainee as a peft adapter directory (what the registry and vLLM load)."""
+        out = Path(out_dir)
+        self.model.save_pretrained(str(out), selected_adapters=["default"])
+        # peft writes adapters other than "default" into sub-directories; only "default" is asked for,
+        # so the files sit at the top level.
+        return out
+
+    # -- text <-> tokens ----------------------------------------------------------------------
+    def prompt_text(self, messages: Sequence[Message]) -> str:
+        return self.tokenizer.apply_chat_template([dict(m) for m in messages], tokenize=False, add_generation_prompt=True)
+
+    def encode_prompts(self, messages_list: Sequence[Sequence[Message]]) -> tuple[torch.Tensor, torch.Tensor]:
+        texts = [self.prompt_text(m) for m in messages_list]
+        enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        return enc["input_ids"].to(self.settings.device), enc["attention_mask"].to(self.settings.device)
+
+    def _answer_mask(self, answers: torch.Tensor) -> torch.Tensor:
+        """1 on tokens up to and including the first end token; 0 after (padding)."""
+        is_eos = answers == self.eos_id
+        after_eos = (is_eos.long().cumsum(dim=1) - is_eos.long()) > 0
+        return (~after_eos).long()
+
+    # -- sampling -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, messages_list: Sequence[Sequence[Message]], n: int, *, seed: int, greedy: bool = False,
+               max_new_tokens: int | None = None) -> Rollouts:
+        """``n`` answers per prompt from the current weights (greedy: one deterministic answer each)."""
+        t0 = time.perf_counter()
+        ids, attn = self.encode_prompts(messages_list)
+        was_training = self.model.training
+        self.model.eval()
+        torch.manual_seed(seed)
+        out = self.model.generate(
+            input_ids=ids, attention_mask=attn, do_sample=not greedy, temperature=None if greedy else self.settings.temperature,
+            top_k=None if greedy else 0, top_p=None if greedy else 1.0,
+            max_new_tokens=max_new_tokens or self.settings.max_new_tokens,
+            num_return_sequences=1 if greedy else n, eos_token_id=self.eos_id, pad_token_id=self.pad_id,
+        )
+        if was_training:
+            self.model.train()
+        reps = 1 if greedy else n
+        prompt_len = ids.shape[1]
+        answers = out[:, prompt_len:]
+        answer_mask = self._answer_mask(answers)
+        full_attn = torch.cat([attn.repeat_interleave(reps, dim=0), answer_mask], dim=1)
+        texts = self.tokenizer.batch_decode(answers * answer_mask + self.pad_id * (1 - answer_mask), skip_special_tokens=True)
+        index = [i for i in range(len(messages_list)) for _ in range(reps)]
+        return Rollouts(out, full_attn, answer_mask, prompt_len, [t.strip() for t in texts], index,
+                        time.perf_counter() - t0)
+
+    # -- log-probabilities --------------------------------------------------------------------
+    def _logits(self, ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=ids, attention_mask=attn, position_ids=_positions(attn)).logits
+
+    def answer_logps(self, ro: Rollouts, which: str = "policy") -> torch.Tensor:
+        """``[B, T]`` log-probabilities of the sampled answer tokens under the trainee ("policy"),
+        the base ("base") or the production adapter ("reference")."""
+        def run() -> torch.Tensor:
+            logits = self._logits(ro.ids, ro.attn)[:, ro.prompt_len - 1:-1]
+            return torch.gather(F.log_softmax(logits.float(), dim=-1), 2, ro.ids[:, ro.prompt_len:].unsqueeze(2)).squeeze(2)
+
+        if which == "policy":
+            return run()
+        with torch.no_grad():
+            if which == "base":
+                with self.model.disable_adapter():
+                    return run()
+            if which == "reference":
+                self.model.set_adapter("reference")
+                try:
+                    return run()
+                finally:
+                    self.model.set_adapter("default")
+                    for p in self.trainable_parameters():
+                        p.requires_grad_(True)
+        raise ValueError(f"unknown policy {which!r}")
+
+
+# -- trainers -----------------------------------------------------------------------------------
+
+@dataclass
+class StepMetrics:
+    """One optimiser step: what a person watching the learner wants to see."""
+
+    step: int
+    loss: float
+    reward_mean: float
+    reward_scored: int
+    kl: float
+    answer_tokens: int
+    rollout_s: float
+    update_s: float
+    skipped: str = ""
+    extra: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def rollout_tok_s(self) -> float:
+        return self.answer_tokens / self.rollout_s if self.rollout_s > 0 else 0.0
+
+
+class GRPOTrainer:
+    """GRPO steps on one :class:`LoraPolicy` with a :class:`ValidatedObjective`.
+
+    ``objectives``: one per family; a prompt (``family_id``) of a family without one is refused.
+    ``step(prompts)``: sample ``group_size`` answers per prompt, score them, compute group
+    advantages, one (or ``inner_steps``) AdamW update(s). Prompts are anything with ``messages``
+    (``PromptRecord``); samples the reward calls not applicable (None) are dropped from their group;
+    a group with fewer than two scored answers is skipped.
+    """
+
+    def __init__(self, policy: LoraPolicy, objectives: Mapping[str, ValidatedObjective] | ValidatedObjective,
+                 optimizer_state: dict | None = None):
+        if isinstance(objectives, ValidatedObjective):
+            objectives = {objectives.family_id: objectives}
+        for obj in objectives.values():
+            if not isinstance(obj, ValidatedObjective):
+                raise UnvalidatedReward("the trainer optimises only a ValidatedObjective (a combined reward with the "
+                                        f"validation reports behind its weights), got {type(obj).__name__}")
+        self.policy = policy
+        self.objectives = dict(objectives)
+        self.settings = policy.settings
+        self.optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=self.settings.lr,
+                                           weight_decay=self.settings.weight_decay)
+        if optimizer_state:
+            self.optimizer.load_state_dict(optimizer_state)
+        self.steps = 0
+
+    def _score(self, prompts: Sequence[Any], ro: Rollouts) -> list[float | None]:
+        scores: list[float | None] = [None] * len(ro.texts)
+        by_family: dict[str, list[int]] = {}
+        for j, i in enumerate(ro.prompt_index):
+            by_family.setdefault(prompts[i].family_id, []).append(j)
+        for fid, rows in by_family.items():
+            got = self.objectives[fid].score([prompts[ro.prompt_index[j]] for j in rows], [ro.texts[j] for j in rows])
+            for j, x in zip(rows, got):
+                scores[j] = x
+        return scores
+
+    def step(self, prompts: Sequence[Any], step_seed: int | None = None) -> StepMetrics:
+        s = self.settings
+        seed = s.seed * 1_000_003 + (self.steps if step_seed is None else step_seed)
+        missing = sorted({p.family_id for p in prompts} - set(self.objectives))
+        if missing:
+            raise UnvalidatedReward(f"no validated reward for families {missing}: their prompts are not trained on")
+        ro = self.policy.sample([p.messages for p in prompts], s.group_size, seed=seed)
+        scores = self._score(prompts, ro)
+        t0 = time.perf_counter()
+        # None = not applicable: the answer leaves its group (never treated as 0.0)
+        rewards = torch.tensor([float("nan") if x is None else x for x in scores]).view(len(prompts), s.group_size)
+        valid = ~torch.isnan(rewards)
+        keep_group = valid.sum(dim=1) >= 2
+        filled = torch.where(valid, rewards, torch.zeros_like(rewards))
+        counts = valid.sum(dim=1, keepdim=True).clamp(min=1)
+        mean = filled.sum(dim=1, keepdim=True) / counts
+        var = (torch.where(valid, (rewards - mean) ** 2, torch.zeros_like(rewards))).sum(dim=1, keepdim=True) / counts
+        adv = torch.where(valid, (filled - mean) / (var.sqrt() + 1e-6), torch.zeros_like(rewards))
+        adv = adv * keep_group.unsqueeze(1)
+        sample_ok = (valid & keep_group.unsqueeze(1)).view(-1)
+        scored = int(valid.sum())
+        reward_mean = float(filled.sum() / max(1, scored))
+        if not bool((adv.abs() > 0).any()):
+            self.steps += 1
+            return StepMetrics(self.steps, 0.0, reward_mean, scored, 0.0, ro.answer_tokens, ro.seconds,
+                               time.perf_counter() - t0, skipped="no group had answers that scored differently")
+        mask = ro.answer_mask * sample_ok.unsqueeze(1).long()
+        ref = None
+        if s.beta > 0:
+            ref = self.policy.answer_logps(ro, "reference" if self.policy.has_reference_adapter else "base")
+        old = None
+        loss_v, kl = 0.0, 0.0
+        self.policy.model.train()
+        for inner in range(s.inner_steps):
+            logp = self.policy.answer_logps(ro, "policy")
+            if inner == 0 and s.inner_steps > 1:
+                old = logp.detach()
+            loss, m = grpo_loss(logp, ref, adv.view(-1), mask, s.beta, old, s.clip_eps)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.policy.trainable_parameters(), s.grad_clip)
+            self.optimizer.step()
+            loss_v, kl = float(loss.detach()), m["kl"]
+        self.steps += 1
+        return StepMetrics(self.steps, loss_v, reward_mean, scored, kl, ro.answer_tokens, ro.seconds,
+                           time.perf_counter() - t0)
+
+
+class DistillTrainer:
+    """Learning from corrections: ``sdft_step`` (on-policy self-distillation, reverse KL to the same
+    model with the correction in context) or ``sft_step`` (cross-entropy on the correction)."""
+
+    def __init__(self, policy: LoraPolicy, optimizer_state: dict | None = None):
+        self.policy = policy
+        self.settings = policy.settings
+        self.optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=self.settings.lr,
+                                           weight_decay=self.settings.weight_decay)
+        if optimizer_state:
+            self.optimizer.load_state_dict(optimizer_state)
+        self.steps = 0
+
+    def _update(self, loss: torch.Tensor) -> float:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.policy.trainable_parameters(), self.settings.grad_clip)
+        self.optimizer.step()
+        self.steps += 1
+        return float(loss.detach())
+
+    def sdft_step(self, examples: Sequence[tuple[Sequence[Message], str]], samples_per_prompt: int = 2) -> dict[str, float]:
+        """examples: (prompt messages, demonstration). The student samples from the prompt alone; the
+        teacher scores the student's tokens with the demonstration in context."""
+        pol = self.policy
+        seed = self.settings.seed * 1_000_003 + self.steps
+        ro = pol.sample([m for m, _ in examples], samples_per_prompt, seed=seed)
+        answers = ro.ids[:, ro.prompt_len:]
+        # teacher sequences: teacher prompt (left-padded) + the same answer tokens
+        t_ids, t_attn = pol.encode_prompts([teacher_messages(examples[i][0], examples[i][1]) for i in ro.prompt_index])
+        t_full = torch.cat([t_ids, answers], dim=1)
+        t_attn_full = torch.cat([t_attn, ro.answer_mask], dim=1)
+        pol.model.train()
+        with torch.no_grad():
+            t_logits = pol._logits(t_full, t_attn_full)[:, t_ids.shape[1] - 1:-1]
+        s_logits = pol._logits(ro.ids, ro.attn)[:, ro.prompt_len - 1:-1]
+        kl = reverse_kl_per_token(s_logits, t_logits)
+        loss = masked_mean_per_sequence(kl, ro.answer_mask)
+        return {"loss": self._update(loss), "answer_tokens": float(ro.answer_tokens)}
+
+    def sft_step(self, examples: Sequence[tuple[Sequence[Message], str]]) -> dict[str, float]:
+        pol = self.policy
+        tok = pol.tokenizer
+        eos = tok.eos_token or ""
+        ids, attn = pol.encode_prompts([m for m, _ in examples])
+        ans = tok([d + eos for _, d in examples], return_tensors="pt", padding=True, add_special_tokens=False,
+                  padding_side="right")
+        a_ids, a_mask = ans["input_ids"].to(ids.device), ans["attention_mask"].to(ids.device)
+        full = torch.cat([ids, a_ids], dim=1)
+        full_attn = torch.cat([attn, a_mask], dim=1)
+        pol.model.train()
+        logits = pol._logits(full, full_attn)[:, ids.shape[1] - 1:-1]
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), a_ids.reshape(-1), reduction="none")
+        loss = masked_mean_per_sequence(nll.view(a_ids.shape), a_mask)
+        return {"loss": self._update(loss)}
+
+
+# -- evaluation helper (the gate and the tests use it) ------------------------------------------
+
+def evaluate_success(policy: LoraPolicy, requests: Sequence[dict], scorer: Callable[[dict, str], float],
+                     *, greedy: bool = True, seed: int = 0, batch: int = 64, max_new_tokens: int = 24) -> list[float]:
+    """Per-request score of the policy's answers (greedy by default: what a temperature-0 user sees)."""
+    out: list[float] = []
+    for i in range(0, len(requests), batch):
+        chunk = requests[i:i + batch]
+        ro = policy.sample([r["messages"] for r in chunk], 1, seed=seed + i, greedy=greedy,
+                           max_new_tokens=max_new_tokens)
+        out += [float(scorer(r, t)) for r, t in zip(chunk, ro.texts)]
+    return out
+
+
+def mean(xs: Sequence[float]) -> float:
+    return sum(xs) / len(xs) if xs else math.nan
