@@ -322,6 +322,8 @@ def test_proxy_errors_are_openai_json(proxy, client, vllm_server):
                          "messages": [{"role": "user", "content": "hello " * 350_000}]})
     r = http.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
     assert r.status_code == 400 and "error" in r.json(), r.text[:300]
+    r = http.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "/tmp"})
+    assert r.status_code == 404 and "not exposed" in r.json()["error"]["message"]  # only the publisher loads adapters
     r = http.get("/nowhere")
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
     r = http.delete("/v1/chat/completions")
