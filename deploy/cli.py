@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # kafka-python logs every connection at INFO; keep its warnings and errors only.
-    logging.getLogger("kafka").setLevel(max(logging.WARNING, logging.getLogger().level))
+    for noisy in ("kafka", "httpx", "httpx2", "openai"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

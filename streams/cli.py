@@ -12,6 +12,8 @@ from pathlib import Path
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sink", help="consume events from Kafka and land them in the warehouse exactly once")
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port")
+    p.add_argument("--warehouse-port", type=int, default=None,
+                   help="serve the embedded warehouse to other local processes on this loopback port")
     p.set_defaults(func=run_sink)
 
     p = sub.add_parser("broker", help="run the embedded Kafka-protocol broker (tansu on a local S3 store) in the foreground")
@@ -41,7 +43,8 @@ def run_sink(args) -> int:
     from streams.warehouse import Warehouse
 
     kafka = KafkaSettings()
-    settings = SinkSettings(**({"metrics_port": args.metrics_port} if args.metrics_port else {}))
+    overrides = {k: v for k, v in (("metrics_port", args.metrics_port), ("warehouse_port", args.warehouse_port)) if v}
+    settings = SinkSettings(**overrides)
     warehouse = Warehouse(WarehouseSettings())
     warehouse.migrate()
     ensure_topics(kafka)
@@ -50,7 +53,16 @@ def run_sink(args) -> int:
     if settings.metrics_port:
         REGISTRY.register(SinkCollector(sink))
         start_http_server(settings.metrics_port, addr="127.0.0.1")
-    sink.run()
+    server = None
+    if settings.warehouse_port:
+        from streams.warehouse_server import WarehouseServer
+
+        server = WarehouseServer(warehouse, settings.warehouse_port).start()
+    try:
+        sink.run()
+    finally:
+        if server is not None:
+            server.stop()
     return 0
 
 

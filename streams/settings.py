@@ -65,9 +65,10 @@ class WarehouseSettings(BaseSettings):
     @field_validator("url")
     @classmethod
     def _scheme(cls, value: str) -> str:
-        if not value.startswith(("chdb://", "http://", "https://")):
+        if not value.startswith(("chdb://", "http://", "https://", "onpolicy+http://")):
             raise ValueError(
-                f"warehouse url {value!r} must start with chdb:/// (embedded, an absolute path) or http(s):// (a ClickHouse server)"
+                f"warehouse url {value!r} must start with chdb:/// (embedded, an absolute path), http(s):// (a ClickHouse "
+                "server) or onpolicy+http:// (the local stack's warehouse owner)"
             )
         if value.startswith("chdb://") and not value[len("chdb://"):].startswith("/"):
             raise ValueError(f"embedded warehouse path must be absolute: chdb:///abs/path, got {value!r}")
@@ -81,3 +82,4 @@ class SinkSettings(BaseSettings):
     batch_max_records: int = Field(default=5000, ge=1, description="Insert once this many records are buffered...")
     batch_max_wait_s: float = Field(default=0.5, gt=0, description="...or once the oldest buffered record is this old.")
     metrics_port: int | None = Field(default=None, description="Serve Prometheus /metrics on this port.")
+    warehouse_port: int | None = Field(default=None, description="Serve the embedded warehouse to other local processes on this loopback port (streams.warehouse_server).")

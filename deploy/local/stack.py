@@ -91,7 +91,7 @@ class Stack:
         state = self.home / "stack.json"
         if state.exists():
             self.ports = json.loads(state.read_text()).get("ports", {})
-        for name in ("broker", "broker_store", "sink_metrics"):
+        for name in ("broker", "broker_store", "sink_metrics", "warehouse"):
             self.ports.setdefault(name, free_port())
         state.parent.mkdir(parents=True, exist_ok=True)
         state.write_text(json.dumps({"ports": self.ports}, indent=2))
@@ -103,6 +103,12 @@ class Stack:
             ONPOLICY_KAFKA_BOOTSTRAP_SERVERS=f"127.0.0.1:{self.ports['broker']}",
             ONPOLICY_WAREHOUSE_URL=f"chdb://{self.home / 'warehouse'}",
         )
+        return env
+
+    def client_env(self) -> dict[str, str]:
+        """Environment for every process other than the warehouse's owner (the sink)."""
+        env = self.env()
+        env["ONPOLICY_WAREHOUSE_URL"] = f"onpolicy+http://127.0.0.1:{self.ports['warehouse']}"
         return env
 
     def up(self, *, model: str | None = None, serve: bool = True) -> dict[str, str]:
@@ -126,7 +132,8 @@ class Stack:
             ensure_topics(KafkaSettings(bootstrap_servers=self.broker.bootstrap_servers))
             done("topics")
             sink = ManagedProcess(
-                "sink", [sys.executable, "-m", "deploy.cli", "sink", "--metrics-port", str(self.ports["sink_metrics"])],
+                "sink", [sys.executable, "-m", "deploy.cli", "sink", "--metrics-port", str(self.ports["sink_metrics"]),
+                         "--warehouse-port", str(self.ports["warehouse"])],
                 self.env(), self.home / "logs" / "sink.log",
                 ready=http_ok(f"http://127.0.0.1:{self.ports['sink_metrics']}/metrics"))
             sink.start()
@@ -137,7 +144,8 @@ class Stack:
         return {
             **where,
             "kafka bootstrap servers": self.broker.bootstrap_servers,
-            "warehouse": f"chdb://{self.home / 'warehouse'} (owned by the sink process)",
+            "warehouse": f"chdb://{self.home / 'warehouse'} (owned by the sink; others use "
+                         f"ONPOLICY_WAREHOUSE_URL=onpolicy+http://127.0.0.1:{self.ports['warehouse']})",
             "sink metrics": f"http://127.0.0.1:{self.ports['sink_metrics']}/metrics",
             "logs": str(self.home / "logs"),
         }
@@ -156,7 +164,7 @@ class Stack:
                                ServingSettings(port=self.ports["vllm"], log_dir=self.home / "logs"), name="vllm")
         self.vllm.start()
         done("vLLM")
-        proxy_env = self.env()
+        proxy_env = self.client_env()
         proxy_env.update(ONPOLICY_PRODUCER_SPOOL_DIR=str(self.home / "spool" / "proxy"))
         proxy = ManagedProcess(
             "proxy", [sys.executable, "-m", "deploy.cli", "proxy", "--port", str(self.ports["proxy"]),

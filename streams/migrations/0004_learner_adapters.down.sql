@@ -1,0 +1,2 @@
+DROP TABLE IF EXISTS {db}.adapter_evaluations;
+DROP TABLE IF EXISTS {db}.adapter_versions;
