@@ -95,6 +95,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--events", type=int, default=30000)
     ap.add_argument("--memory-broker", action="store_true", help="tansu on memory:// instead of the durable S3 store")
+    ap.add_argument("--compression", default="lz4", help="batch compression for both producers (lz4, zstd, gzip, none)")
     args = ap.parse_args()
     n = args.events
     work = Path(tempfile.mkdtemp(prefix="bench-capture-"))
@@ -116,7 +117,7 @@ def main() -> None:
         admin.create_topics([NewTopic(raw_topic.name, raw_topic.partitions, 1)])
         admin.close()
         raw = KafkaProducer(bootstrap_servers=kafka.servers, acks="all", enable_idempotence=False, linger_ms=5,
-                            batch_size=65536)
+                            batch_size=65536, compression_type=None if args.compression == "none" else args.compression)
         # -- raw pipeline: produce here, consume + insert in another process -----------------------
         progress = work / "raw.progress"
         consumer = subprocess.Popen([sys.executable, __file__, "--raw-consumer", broker.bootstrap_servers, raw_topic.name,
@@ -159,7 +160,7 @@ def main() -> None:
                                  str(port)], cwd=REPO, env=env)
         wait_count(lambda: 1 if _up(port) else 0, 1, 60)
         time.sleep(3.5)  # group join
-        producer = EventProducer(kafka, ProducerSettings(spool_dir=work / "spool"))
+        producer = EventProducer(kafka, ProducerSettings(spool_dir=work / "spool", compression_type=args.compression))
         emit_ns = []
         t0 = time.perf_counter()
         for e in events:
@@ -179,7 +180,7 @@ def main() -> None:
         broker.stop()
 
     ratio = results["onpolicy end-to-end events/s"] / results["raw pipeline events/s"]
-    print(f"\ncapture benchmark: {n} interaction events of {size:.0f} bytes, broker "
+    print(f"\ncapture benchmark: {n} interaction events of {size:.0f} bytes, compression {args.compression}, broker "
           f"{'tansu memory://' if args.memory_broker else 'tansu on s3rver (durable)'}, {os.cpu_count()} cores")
     for k, v in results.items():
         print(f"  {k:<32} {v:>12,.1f}")

@@ -106,6 +106,7 @@ class EventProducer:
             enable_idempotence=False,
             linger_ms=s.linger_ms,
             batch_size=s.batch_size,
+            compression_type=None if s.compression_type in (None, "none") else s.compression_type,
             delivery_timeout_ms=s.delivery_timeout_ms,
             request_timeout_ms=max(1000, s.delivery_timeout_ms - s.linger_ms - 500),
             max_block_ms=2000,
