@@ -185,3 +185,76 @@ def test_killed_capture_worker_is_replaced(standin, kafka, tmp_path):
             time.sleep(0.1)
     finally:
         running.stop()
+
+
+def _child_pid(parent: int, needle: str, timeout_s: float = 10.0) -> int:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                stat = open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()
+                cmd = open(f"/proc/{entry}/cmdline", "rb").read().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if int(stat[1]) == parent and needle in cmd:
+                return int(entry)
+        time.sleep(0.05)
+    raise AssertionError(f"no child {needle} of {parent}")
+
+
+def test_sigkill_of_the_proxy_loses_no_event_it_handed_over(standin, kafka, tmp_path):
+    """The capture worker outlives a SIGKILLed proxy: it drains the pipe, emits, flushes, exits."""
+    import httpx
+    from kafka import KafkaConsumer, TopicPartition
+
+    from streams.events import decode
+    from streams.topics import INTERACTIONS
+
+    port = free_port()
+    env = {**os.environ, "ONPOLICY_HOME": str(tmp_path), "ONPOLICY_KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
+           "ONPOLICY_PROXY_INTERACTION_ID_KEY": KEY}
+    proc = subprocess.Popen([sys.executable, "-m", "deploy.cli", "--log-level", "WARNING", "proxy", "--port", str(port),
+                             "--upstream-url", standin, "--no-follow-control"], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1)
+                break
+            except httpx.HTTPError:
+                assert proc.poll() is None and time.monotonic() < deadline, "proxy did not start"
+                time.sleep(0.1)
+        worker = _child_pid(proc.pid, "proxy.capture_worker")
+        os.kill(worker, signal.SIGSTOP)  # frames now pile up in the pipe, unread
+        iids = set()
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}/v1", timeout=10) as http:
+            for i in range(50):
+                r = http.post("/chat/completions", json={"model": "standin-model", "messages": MSGS, "stream": i % 2 == 0})
+                assert r.status_code == 200
+                iids.add(r.headers["x-onpolicy-interaction-id"])
+        time.sleep(0.05)  # the hand-over runs on the loop iteration after the response
+        proc.kill()
+        proc.wait(5)
+        os.kill(worker, signal.SIGCONT)  # the proxy is gone; the worker must still emit every frame
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    consumer = KafkaConsumer(bootstrap_servers=kafka.servers, group_id=None, enable_auto_commit=False,
+                             auto_offset_reset="earliest")
+    tps = [TopicPartition(INTERACTIONS.name, p) for p in range(INTERACTIONS.partitions)]
+    consumer.assign(tps)
+    consumer.seek_to_beginning(*tps)
+    found: dict[str, set[str]] = {}
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and len(found) < len(iids):
+        for records in consumer.poll(timeout_ms=300).values():
+            for rec in records:
+                ev = decode(rec.value)
+                if getattr(ev, "interaction_id", None) in iids:
+                    found.setdefault(ev.interaction_id, set()).add(ev.event_id)
+    consumer.close()
+    assert set(found) == iids, f"{len(iids) - len(found)} events lost"
+    assert all(len(v) == 1 for v in found.values())
