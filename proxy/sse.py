@@ -68,7 +68,7 @@ def _parse_all(payloads: list[bytes]) -> list[Any]:
 _CONTENT = re.compile(rb'"content":"((?:[^"\\]+|\\.)*)"')
 # Anything that needs the general path: several choices, tool calls, logprobs, reasoning, errors,
 # or JSON that is not compact (the byte patterns below assume vLLM's compact separators).
-_NOT_SIMPLE = (b'"tool_calls"', b'"logprobs":{', b'"error"', b'"reasoning', b'"function_call"', b'": ', b'\r')
+_NOT_SIMPLE = (b'"tool_calls"', b'"logprobs":{', b'"error"', b'"reasoning', b'"function_call"', b'\r')
 
 
 def _fast_chat(raw: bytes) -> Assembled | None:
@@ -98,7 +98,10 @@ def _fast_chat(raw: bytes) -> Assembled | None:
     try:
         head = orjson.loads(parts[0])
         tail = [orjson.loads(p) for p in parts[-2:]] if len(parts) > 1 else [head]
-        text = orjson.loads(b'"' + b"".join(m.group(1) for m in _CONTENT.finditer(b"\n".join(parts))) + b'"')
+        if b'": ' in parts[0] or b'", "' in parts[0]:  # not compact JSON: the byte patterns do not apply
+            return None
+        complete = raw if raw.endswith(b"\n\n") else raw[: raw.rfind(b"\n\n") + 2]  # not a torn last event
+        text = orjson.loads(b'"' + b"".join(_CONTENT.findall(complete)) + b'"')
     except orjson.JSONDecodeError:
         return None
     finish = None

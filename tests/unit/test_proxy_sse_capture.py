@@ -50,6 +50,12 @@ def test_cut_stream_keeps_what_was_complete():
         assert not asm.complete and asm.finish_reasons == [None]
 
 
+def test_torn_last_event_with_a_whole_content_string_is_not_counted():
+    raw = SIMPLE[: SIMPLE.index(b'"content":"!"') + len(b'"content":"!"}')]  # the 4th event, cut after its content
+    for asm in (_fast_chat(raw), assemble_general("/v1/chat/completions", raw)):
+        assert asm.response["choices"][0]["message"]["content"] == 'Hello "q" \\ é 🙂'
+
+
 def test_tool_calls_n2_logprobs_and_errors_take_the_general_path():
     tools = sse(chunk({"role": "assistant", "tool_calls": [{"index": 0, "id": "call_1", "type": "function",
                                                                "function": {"name": "get_", "arguments": ""}}]}),
