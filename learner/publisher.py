@@ -33,8 +33,6 @@ import shutil
 import stat
 import threading
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +40,7 @@ from typing import Any, Callable, Iterable, Protocol, Sequence
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from learner.serving import http_json
 from streams.events import ControlEvent
 
 log = logging.getLogger(__name__)
@@ -188,21 +187,6 @@ def verify_adapter(directory: str | Path, *, max_rank: int, expected_sha256: str
     )
 
 
-def _http(method: str, url: str, body: dict | None, timeout: float) -> tuple[int, Any]:
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            status, raw = resp.status, resp.read()
-    except urllib.error.HTTPError as exc:
-        status, raw = exc.code, exc.read()
-    text = raw.decode("utf-8", "replace")
-    try:
-        return status, json.loads(text)
-    except ValueError:
-        return status, text
-
-
 def _error_text(body: Any) -> str:
     if isinstance(body, dict):
         err = body.get("error", body)
@@ -339,7 +323,7 @@ class Publisher:
         """After a restart: take over adapters from this store that every replica already serves."""
         per_replica = []
         for replica in self.replicas:
-            status, body = _http("GET", f"{replica}/models", None, self.timeout_s)
+            status, body = http_json("GET", f"{replica}/models", None, self.timeout_s)
             if status != 200:
                 raise PublishError("cannot list models", "", {replica: f"HTTP {status}: {_error_text(body)}"})
             per_replica.append({c["id"]: c.get("root") for c in body.get("data", []) if c.get("parent")})
@@ -412,12 +396,12 @@ class Publisher:
 
     def _load_and_probe(self, replica: str, name: str, path: Path) -> None:
         def load() -> None:
-            status, body = _http("POST", f"{replica}/load_lora_adapter", {"lora_name": name, "lora_path": str(path)}, self.timeout_s)
+            status, body = http_json("POST", f"{replica}/load_lora_adapter", {"lora_name": name, "lora_path": str(path)}, self.timeout_s)
             if status == 200:
                 return
             if status == 400 and "already been loaded" in _error_text(body):
                 # A retried publish: fine if the replica serves this name from this very path.
-                status, models = _http("GET", f"{replica}/models", None, self.timeout_s)
+                status, models = http_json("GET", f"{replica}/models", None, self.timeout_s)
                 roots = {c["id"]: c.get("root") for c in (models.get("data", []) if isinstance(models, dict) else [])}
                 if roots.get(name) == str(path):
                     return
@@ -427,7 +411,7 @@ class Publisher:
             raise RuntimeError(f"load refused, HTTP {status}: {_error_text(body)}")
 
         def probe() -> None:
-            status, body = _http("POST", f"{replica}/completions",
+            status, body = http_json("POST", f"{replica}/completions",
                                  {"model": name, "prompt": self.probe_prompt, "max_tokens": 1, "temperature": 0},
                                  self.timeout_s)
             if status == 200 and isinstance(body, dict) and body.get("choices"):
@@ -452,7 +436,7 @@ class Publisher:
 
     def _unload(self, replica: str, name: str) -> None:
         def unload() -> None:
-            status, body = _http("POST", f"{replica}/unload_lora_adapter", {"lora_name": name}, self.timeout_s)
+            status, body = http_json("POST", f"{replica}/unload_lora_adapter", {"lora_name": name}, self.timeout_s)
             if status in (200, 404):  # 404: not loaded there (already unloaded, or restarted)
                 return
             if status >= 500:

@@ -98,6 +98,7 @@ def build(out_dir: Path, config: TinyConfig = TinyConfig(), progress: bool = Tru
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     threads = torch.get_num_threads()
+    deterministic = torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(1)
     try:
         torch.manual_seed(config.seed)
@@ -170,4 +171,6 @@ def build(out_dir: Path, config: TinyConfig = TinyConfig(), progress: bool = Tru
         tokenizer.save_pretrained(out_dir)
         return {"final_loss": loss_value, "params": sum(p.numel() for p in model.parameters()), **asdict(config)}
     finally:
+        # Leave the caller's process as it was (a trainer may run in it next).
         torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)

@@ -211,3 +211,17 @@ def test_concurrent_publishes_one_per_name_and_metrics(vllm_server, smollm2_mode
     assert sorted(publisher.loaded()) == ["conc-v0001", "conc-v0002"]
     assert [e.action for e in publisher.producer.events].count("adapter_published") == 4
     assert count() == before + 4
+
+
+def test_a_restarted_publisher_adopts_what_the_replicas_serve_from_its_store(vllm_server, smollm2_model, make_adapter, tmp_path):
+    store = tmp_path / "store"
+    first = Publisher([vllm_server.base_url], store, CollectingProducer(), max_lora_rank=8)
+    first.publish("adopt-v0001", make_adapter(smollm2_model.path, seed=1, scale=ADAPTER_SCALE))
+    first.close()
+    second = Publisher([vllm_server.base_url], store, CollectingProducer(), max_lora_rank=8)
+    try:
+        assert second.adopt_loaded() == ["adopt-v0001"]
+        assert second.loaded() == ["adopt-v0001"]
+    finally:
+        second.retire("adopt-v0001")
+        second.close()
