@@ -220,6 +220,9 @@ class Capture:
         else:
             request_out, response, logprobs, error = redact_all(self.redactor, [req, response, logprobs, error])
         if usage is not None:
+            if "input_tokens" in usage:  # the Responses API's names
+                usage = {"prompt_tokens": usage.get("input_tokens"), "completion_tokens": usage.get("output_tokens"),
+                         "total_tokens": usage.get("total_tokens")}
             usage = {k: usage.get(k) for k in ("prompt_tokens", "completion_tokens", "total_tokens")
                      if isinstance(usage.get(k), int)}
         return InteractionEvent(

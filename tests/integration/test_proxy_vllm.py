@@ -251,11 +251,27 @@ def test_tools_and_json_schema(client, direct, vllm_server, reader):
         want.choices[0].message.tool_calls[0].function.name, want.choices[0].message.tool_calls[0].function.arguments)
 
     schema = {"type": "object", "properties": {"capital": {"type": "string"}}, "required": ["capital"]}
-    kw = dict(model=vllm_server.model, messages=MSGS, max_tokens=24, temperature=0,
+    kw = dict(model=vllm_server.model, messages=MSGS, max_tokens=16, temperature=0,
               response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}})
     want, got = direct.chat.completions.create(**kw), client.chat.completions.create(**kw)
     assert got.choices[0].message.content == want.choices[0].message.content
     assert reader.wait(got.id).sampling["response_format"]["type"] == "json_schema"
+
+
+def test_responses_api_stream_and_not(client, direct, vllm_server, reader):
+    kw = dict(model=vllm_server.model, input="What is the capital of France?", max_output_tokens=8, temperature=0)
+    want = direct.responses.create(**kw)
+    raw = client.responses.with_raw_response.create(**kw)
+    got = raw.parse()
+    assert got.output_text == want.output_text
+    ev = reader.wait(raw.headers["x-onpolicy-interaction-id"])
+    assert ev.endpoint == "/responses" and ev.response["id"] == got.id  # the upstream's id is kept for chaining
+    assert ev.usage.completion_tokens == want.usage.output_tokens
+    stream = client.responses.with_raw_response.create(**kw, stream=True)
+    text = "".join(e.delta for e in stream.parse() if e.type == "response.output_text.delta")
+    assert text == want.output_text
+    ev = reader.wait(stream.headers["x-onpolicy-interaction-id"])
+    assert ev.stream and ev.finish_reasons == ["completed"]
 
 
 async def test_async_client_concurrent_streams(proxy, vllm_server, reader):
