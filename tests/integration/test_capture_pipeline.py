@@ -154,7 +154,9 @@ def test_sigkill_of_the_producing_process_loses_nothing_it_accepted(kafka, wareh
     accepted_log = tmp_path / "accepted.txt"
     with open(accepted_log, "w") as out:  # a file, not a pipe: a full pipe would block the producer
         proc = subprocess.Popen([sys.executable, "-c", PRODUCER_SCRIPT, tag, str(spool)], stdout=out, cwd=REPO, env=env)
-        time.sleep(3)
+        # Kill it mid-stream, once it has accepted a good number of events (however slow the machine).
+        wait_until(lambda: accepted_log.stat().st_size > 3000 * 37, 120, "the producer to accept 3000 events",
+                   interval_s=0.05)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     accepted = [line for line in accepted_log.read_text().splitlines() if len(line) == 36]
