@@ -13,6 +13,7 @@ import sys
 COMMAND_MODULES = (
     "deploy.stack_cli",
     "deploy.demo_cli",
+    "deploy.status_page",
     "streams.cli",
     "proxy.cli",
     "learner.cli",

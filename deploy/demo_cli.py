@@ -70,8 +70,11 @@ def run_demo(args) -> int:
             print("Ctrl-C stops everything (data is kept; run again to resume).", flush=True)
             base_url, model = where["OpenAI base_url"], where["model"]
             api_key = args.api_key or stack.demo_api_key()
+        from streams.settings import default_home
+
+        (default_home() / "demo").mkdir(parents=True, exist_ok=True)
         users = SimulatedUsers(tasks, base_url, model, api_key=api_key, rate=args.rate, concurrency=args.concurrency,
-                               seed=args.seed)
+                               seed=args.seed, truth_log=str(default_home() / "demo" / "truth.jsonl"))
         users.stop = stop
         thread = threading.Thread(target=users.run, args=(args.duration,), daemon=True)
         thread.start()

@@ -102,7 +102,7 @@ class SimulatedUsers:
     """Sends ``rate`` requests/s (with ``concurrency`` users) and their feedback until stopped."""
 
     def __init__(self, tasks: list, base_url: str, model: str, *, api_key: str | None = None, rate: float = 2.0,
-                 concurrency: int = 4, seed: int = 0, max_tokens: int | None = None):
+                 concurrency: int = 4, seed: int = 0, max_tokens: int | None = None, truth_log: str | None = None):
         from openai import OpenAI
 
         self.tasks = tasks
@@ -116,6 +116,9 @@ class SimulatedUsers:
         self.client = OpenAI(base_url=base_url, api_key=api_key or "unused", max_retries=0, timeout=120)
         self.stats = Stats()
         self.stop = threading.Event()
+        # The hidden truth of each answer, for the status page's demo-only chart. Never sent to onpolicy.
+        self.truth_log = open(truth_log, "a", buffering=1) if truth_log else None
+        self._truth_lock = threading.Lock()
 
     def one(self, task, request: dict[str, Any], rng: random.Random) -> None:
         kwargs = dict(request)
@@ -133,7 +136,13 @@ class SimulatedUsers:
             return
         text = _text(parsed)
         interaction_id = response.headers.get("x-onpolicy-interaction-id") or parsed.id
-        self.stats.add_truth(float(task.score(request, text)))
+        truth = float(task.score(request, text))
+        self.stats.add_truth(truth)
+        if self.truth_log is not None:
+            line = json.dumps({"ts": time.time(), "task": task.name, "truth": truth, "interaction_id": interaction_id,
+                               "adapter_version": response.headers.get("x-onpolicy-adapter-version")})
+            with self._truth_lock:
+                self.truth_log.write(line + "\n")
         with self.stats.lock:
             self.stats.requests += 1
         for body in task.feedback(request, text, rng):

@@ -37,6 +37,16 @@ if [ ! -f "$NODE_DIR/node_modules/s3rver/bin/s3rver.js" ]; then
   npm install --silent --no-audit --no-fund --prefix "$NODE_DIR" s3rver@3.7.1 >&2
 fi
 
+# Headless Chromium for the status page's browser test (Debian's package; never a downloaded browser).
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    say "installing chromium (apt) for the status page test"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >&2
+  else
+    say "chromium is missing: sudo apt-get install -y chromium (the status page test needs it)"
+  fi
+fi
+
 if [ -x "$REPO/deploy/local/setup_vllm.sh" ]; then
   "$REPO/deploy/local/setup_vllm.sh" >&2
 fi

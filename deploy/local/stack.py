@@ -157,7 +157,7 @@ class Stack:
 
         built = ensure_model(model)
         done("model")
-        for name in ("vllm", "proxy"):
+        for name in ("vllm", "proxy", "status"):
             self.ports.setdefault(name, free_port())
         (self.home / "stack.json").write_text(json.dumps({"ports": self.ports}, indent=2))
         self.vllm = VllmServer(built.path, built.served_name,
@@ -172,10 +172,17 @@ class Stack:
             proxy_env, self.home / "logs" / "proxy.log", ready=http_ok(f"http://127.0.0.1:{self.ports['proxy']}/healthz"))
         proxy.start()
         self.processes.append(proxy)
+        status = ManagedProcess(
+            "status page", [sys.executable, "-m", "deploy.cli", "status-page", "--port", str(self.ports["status"])],
+            self.client_env(), self.home / "logs" / "status.log",
+            ready=http_ok(f"http://127.0.0.1:{self.ports['status']}/status.json"))
+        status.start()
+        self.processes.append(status)
         done("proxy")
         return {
             "OpenAI base_url": f"http://127.0.0.1:{self.ports['proxy']}/v1",
             "model": built.served_name,
+            "status page": f"http://127.0.0.1:{self.ports['status']}/status",
             "proxy metrics": f"http://127.0.0.1:{self.ports['proxy']}/metrics",
             "vLLM (direct)": self.vllm.base_url,
         }
