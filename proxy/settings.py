@@ -137,6 +137,21 @@ class ProxySettings(BaseSettings):
     shutdown_grace_s: float = Field(default=30.0, ge=0, description="On SIGTERM, how long in-flight requests and streams may take to finish.")
     model_list: tuple[HostedModel, ...] = Field(default=(), description="Hosted models served through litellm (LiteLLM config convention).")
 
+    # -- feedback and admin APIs (proxy/feedback.py, proxy/admin.py) --
+    api_keys: tuple[dict[str, str], ...] = Field(
+        default=(), description="Feedback API keys: [{name, tenant, sha256}] (sha256 from `python -m proxy.api_keys new`; "
+        "'key' instead of 'sha256' is hashed at start). Tenant \"\" = requests sent without x-onpolicy-tenant.")
+    api_keys_file: Path | None = Field(default=None, description="A JSON file with more api_keys entries (a list).")
+    api_key_pepper: SecretStr | None = Field(default=None, description="HMAC pepper for stored key hashes; unset: plain SHA-256.")
+    admin_token: SecretStr | None = Field(default=None, description="Bearer token of the /admin API. Unset: read (or created) at admin_token_file.")
+    admin_token_file: Path = Field(default_factory=lambda: default_home() / "secrets" / "admin_token",
+                                   description="Where the admin token lives when admin_token is unset (created once, 0600).")
+    feedback_max_batch: int = Field(default=100, ge=1, le=10_000, description="Most feedback items in one batch request.")
+    feedback_max_text_chars: int = Field(default=20_000, ge=1, description="Longest comment, and longest correction message content.")
+    feedback_max_metadata_bytes: int = Field(default=16_384, ge=0, description="Largest metadata object (as JSON) on one feedback item.")
+    feedback_score_min: float = Field(default=0.0, description="Lowest value a kind=score feedback may carry.")
+    feedback_score_max: float = Field(default=1.0, description="Highest value a kind=score feedback may carry.")
+
     kafka: KafkaSettings = Field(default_factory=KafkaSettings, description="Broker settings (ONPOLICY_KAFKA_* also apply).")
     producer: ProducerSettings = Field(
         default_factory=lambda: ProducerSettings(spool_dir=default_home() / "spool" / "proxy"),
@@ -170,6 +185,12 @@ class ProxySettings(BaseSettings):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"model_list names must be unique; duplicated: {dupes}")
+        return self
+
+    @model_validator(mode="after")
+    def _score_range(self) -> "ProxySettings":
+        if not self.feedback_score_min < self.feedback_score_max:
+            raise ValueError(f"feedback_score_min ({self.feedback_score_min}) must be below feedback_score_max ({self.feedback_score_max})")
         return self
 
     def signing_key(self) -> bytes:
