@@ -8,7 +8,7 @@ REPO = Path(__file__).parents[2]
 
 def _readme_commands() -> list[str]:
     text = (REPO / "README.md").read_text()
-    head = text.split("## Layout")[0]
+    head = text.split("## The two commands")[1].split("\n## ")[0]
     return re.findall(r"```bash\n(.+?)\n```", head, re.S)
 
 
