@@ -17,6 +17,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from proxy.apis import register_apis
 from proxy.capture import Capture
 from proxy.interaction_ids import InteractionIds
 from proxy.metrics import CaptureCollector, ProxyMetrics
@@ -56,6 +57,7 @@ def create_app(settings: ProxySettings, *, producer: Any | None = None, router: 
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_handler)
     app.router.add_get("/openapi.json", openapi_handler)
+    register_apis(app)  # POST /v1/feedback and /admin/* (before the /v1 catch-all)
     app.router.add_route("*", "/v1/{tail:.*}", forward_other)
 
     async def upstream_ctx(app: web.Application):
