@@ -45,6 +45,9 @@ COMPOSE_ENV = {"CLICKHOUSE_PASSWORD": "test-password"}
 NON_SETTING_ENV = {"ONPOLICY_HOME": lambda: str(__import__("streams.settings").settings.default_home())}
 # The capture worker's close timeout in proxy/app.py (``worker.close(timeout_s=15.0)``).
 CAPTURE_WORKER_CLOSE_S = 15
+# Spool directories per proxy, each bounded by the producer's disk budget: the capture spool and the
+# feedback/admin APIs' "<spool>-api" (proxy/apis.py).
+SPOOLS_PER_PROXY = 2
 
 
 # --- loading -----------------------------------------------------------------------------------------
@@ -444,12 +447,12 @@ def test_k8s_proxy_spool_is_on_its_own_volume_larger_than_the_budget(monkeypatch
     templates = {t["metadata"]["name"]: t for t in sts["spec"]["volumeClaimTemplates"]}
     mount = next(m for m in _proxy_container(sts)["volumeMounts"] if m["name"] in templates)
     spool = PurePosixPath(str(settings.producer.spool_dir))
-    # The capture worker writes <spool>.capture-stats.json beside the spool: the mount is its parent.
+    # <spool>.capture-stats.json and the APIs' <spool>-api sit beside the spool: the mount is its parent.
     assert spool.parent == PurePosixPath(mount["mountPath"])
     claim = templates[mount["name"]]["spec"]
     assert claim["accessModes"] == ["ReadWriteOnce"]
     # Segments are written before the budget check trims them: keep at least a quarter of headroom.
-    assert _bytes(claim["resources"]["requests"]["storage"]) >= 1.25 * settings.producer.disk_budget_bytes
+    assert _bytes(claim["resources"]["requests"]["storage"]) >= 1.25 * SPOOLS_PER_PROXY * settings.producer.disk_budget_bytes
     assert sts["spec"]["persistentVolumeClaimRetentionPolicy"]["whenScaled"] == "Retain"
 
 
