@@ -536,3 +536,45 @@ def test_images_are_the_dockerfile_targets():
     app_commands = [line for line in app_stage.splitlines() if not line.lstrip().startswith("#")]
     assert "torch" not in "\n".join(app_commands).replace('! python -c "import torch"', "")
     assert "torch==2.13.0" in dockerfile.split("AS learner")[1]
+
+
+# --- docs name only metrics the code exports ------------------------------------------------------------
+
+def _exported_metric_names() -> set[str]:
+    """Every metric name the proxy, the producer, the sink and the publisher expose, as Prometheus shows it
+    (counters with ``_total``), collected from the real collectors over stand-in state."""
+    from types import SimpleNamespace as NS
+
+    from prometheus_client import REGISTRY, CollectorRegistry
+
+    import learner.publisher  # noqa: F401  (registers the publisher's metrics in the default registry)
+    from proxy.metrics import CaptureCollector, ProxyMetrics
+    from streams.producer import ProducerCollector
+    from streams.sink import SinkCollector
+
+    proxy = ProxyMetrics()
+    capture = NS(emitted=0, dropped=0, failed=0, queue_bytes=0, restarts=0, lost_bytes=0, redactor=None,
+                 worker_stats=lambda: {"connected": True})
+    proxy.registry.register(CaptureCollector(capture, NS(table=NS(routes={}, offset=-1), bad_events=0)))
+    others = CollectorRegistry()
+    stats = dict.fromkeys(("accepted", "sent", "spooled", "replayed", "overflowed", "dropped", "send_failures",
+                           "corrupt_records", "spool_bytes", "backlog_bytes"), 0)
+    others.register(ProducerCollector(NS(stats=lambda: stats, connected=True)))
+    others.register(SinkCollector(NS(landed={}, dead_letters=0, consumer=NS(failures=0, failing=False), last_batch_s=0.0)))
+    names = set()
+    for registry in (proxy.registry, others, REGISTRY):
+        for family in registry.collect():
+            names.add(family.name + "_total" if family.type == "counter" else family.name)
+    return {n for n in names if n.startswith("onpolicy_")}
+
+
+@pytest.mark.parametrize("doc", ["docs/operations.md", "docs/scaling.md"])
+def test_docs_name_only_metrics_the_code_exports(doc):
+    exported = _exported_metric_names()
+    assert {"onpolicy_proxy_capture_dropped_total", "onpolicy_sink_failing", "onpolicy_producer_spool_bytes"} <= exported
+    text = (ROOT / doc).read_text()
+    # operations.md also names Docker volumes (onpolicy_models): read its metrics section only.
+    text = text[text.index("## Metrics"):] if "## Metrics" in text else text
+    named = set(re.findall(r"\bonpolicy_[a-z0-9_]+", text))
+    unknown = sorted(n for n in named if not (n in exported or (n.endswith("_") and any(e.startswith(n) for e in exported))))
+    assert not unknown, f"{doc} names metrics the code does not export: {unknown}"
