@@ -513,9 +513,36 @@ def test_secrets_are_placeholders_only():
     compose = _compose()
     for name, secret in compose["secrets"].items():
         assert set(secret) == {"file"} and secret["file"].startswith("./secrets/"), name
-    # The interaction-id key reaches the proxy as a file, never as a value in the manifest.
-    assert "ONPOLICY_PROXY_INTERACTION_ID_KEY" not in compose["services"]["proxy"]["environment"]
+    # Keys and tokens reach the proxy as files, never as values in the manifest.
+    for value_var in ("ONPOLICY_PROXY_INTERACTION_ID_KEY", "ONPOLICY_PROXY_ADMIN_TOKEN", "ONPOLICY_PROXY_API_KEYS"):
+        assert value_var not in compose["services"]["proxy"]["environment"], value_var
     assert compose["services"]["proxy"]["environment"]["ONPOLICY_PROXY_INTERACTION_ID_KEY_FILE"] == "/run/secrets/interaction_id_key"
+
+
+def test_secret_files_the_proxy_reads_are_mounted():
+    """Each ONPOLICY_PROXY_*_FILE names a file that the manifest actually mounts from a secret."""
+    proxy = _compose()["services"]["proxy"]
+    file_vars = {k: v for k, v in proxy["environment"].items() if k.endswith("_FILE")}
+    assert set(file_vars) == {"ONPOLICY_PROXY_INTERACTION_ID_KEY_FILE", "ONPOLICY_PROXY_ADMIN_TOKEN_FILE",
+                              "ONPOLICY_PROXY_API_KEYS_FILE"}
+    for name, path in file_vars.items():
+        assert PurePosixPath(path).parent == PurePosixPath("/run/secrets"), name
+        assert PurePosixPath(path).name in proxy["secrets"], f"{name}: secret {PurePosixPath(path).name} is not given to the proxy"
+
+    sts = _k8s("StatefulSet", "onpolicy-proxy")
+    _, env = _k8s_container_env(sts)
+    pod = sts["spec"]["template"]["spec"]
+    secret_volumes = {v["name"]: v["secret"] for v in pod["volumes"] if "secret" in v}
+    mounts = {m["mountPath"]: secret_volumes[m["name"]] for m in _proxy_container(sts)["volumeMounts"]
+              if m["name"] in secret_volumes}
+    k8s_file_vars = {k: v for k, v in env.items() if k.endswith("_FILE")}
+    assert set(k8s_file_vars) == set(file_vars)
+    for name, path in k8s_file_vars.items():
+        volume = mounts.get(str(PurePosixPath(path).parent))
+        assert volume is not None, f"{name}: nothing is mounted at {PurePosixPath(path).parent}"
+        item = next((i for i in volume["items"] if i["path"] == PurePosixPath(path).name), None)
+        assert item is not None, f"{name}: {PurePosixPath(path).name} is not an item of the mounted secret"
+        assert item["key"] in _k8s("Secret", volume["secretName"])["stringData"], name
 
 
 def test_images_are_the_dockerfile_targets():
