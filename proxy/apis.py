@@ -74,3 +74,47 @@ def register_apis(app: web.Application) -> None:
         await api.close()
 
     app.on_cleanup.append(close_api_producer)
+
+
+def openapi_paths() -> dict[str, Any]:
+    """The OpenAPI description of /v1/feedback and /admin/* (merged into ``proxy.openapi.openapi_spec``)."""
+    error = {"description": "An OpenAI-style error.", "content": {"application/json": {"schema": {
+        "type": "object", "required": ["error"], "properties": {"error": {"type": "object", "required": ["message", "type"]}}}}}}
+    auth = [{"name": "Authorization", "in": "header", "required": False, "schema": {"type": "string"},
+             "description": "Bearer <API key> (feedback) or Bearer <admin token> (/admin)."}]
+    item = {"type": "object", "required": ["kind"], "additionalProperties": False, "properties": {
+        "interaction_id": {"type": "string", "maxLength": 256}, "episode_id": {"type": "string", "maxLength": 256},
+        "kind": {"type": "string", "enum": ["thumbs", "score", "outcome", "comment", "correction"]},
+        "value": {"type": ["number", "boolean", "string", "null"]}, "comment": {"type": "string"},
+        "correction": {"type": ["string", "object", "array"]}, "source": {"type": "string", "enum": ["explicit", "implicit"]},
+        "weight": {"type": "number", "minimum": 0, "maximum": 1}, "idempotency_key": {"type": "string", "maxLength": 256},
+        "user": {"type": "string"}, "metadata": {"type": "object"}}}
+    ok = {"description": "Accepted (queued for Kafka through the spool)."}
+
+    def post(summary: str, body: dict[str, Any], params: list | None = None) -> dict[str, Any]:
+        return {"post": {"summary": summary, "parameters": auth + (params or []),
+                         "requestBody": {"required": True, "content": {"application/json": {"schema": body}}},
+                         "responses": {"202": ok, "default": error}}}
+
+    action = {"type": "object", "required": ["reason"], "additionalProperties": True, "properties": {
+        "version": {"type": "string"}, "public_model": {"type": "string"}, "base": {"type": "string"},
+        "to": {"type": "string"}, "reason": {"type": "string"}, "actor": {"type": "string"},
+        "fraction": {"type": "number", "exclusiveMinimum": 0, "maximum": 1}, "force": {"type": "boolean"},
+        "family": {"type": "string"}}}
+    get = lambda summary, params=None: {"get": {"summary": summary, "parameters": auth + (params or []),  # noqa: E731
+                                                "responses": {"200": {"description": "JSON"}, "default": error}}}
+    paths: dict[str, Any] = {
+        "/v1/feedback": post("Feedback on an interaction or episode: one item or a list (a batch).",
+                             {"oneOf": [item, {"type": "array", "items": item, "minItems": 1}]},
+                             [{"name": "Idempotency-Key", "in": "header", "required": False, "schema": {"type": "string"}},
+                              {"name": "x-onpolicy-user", "in": "header", "required": False, "schema": {"type": "string"}}]),
+        "/admin/versions": get("Adapter versions with lineage, evaluations and control history; the routing table.",
+                               [{"name": "family", "in": "query", "required": False, "schema": {"type": "string"}}]),
+        "/admin/routing": get("This replica's routing table and pins."),
+    }
+    for op, summary in (("promote", "Route the public model to a version."), ("pin", "Route to a version and pin it."),
+                        ("unpin", "Unpin a public model."), ("rollback", "Back to the previous version, or 'to'."),
+                        ("canary", "Send a fraction of traffic to a version."), ("pause", "Pause learning."),
+                        ("resume", "Resume learning.")):
+        paths[f"/admin/{op}"] = post(summary, action)
+    return paths

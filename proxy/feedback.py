@@ -359,4 +359,11 @@ def register(app: web.Application) -> None:
 
     state = app[STATE]
     app[FEEDBACK] = FeedbackService(state.settings, state.ids, load_api_keys(state.settings), app[API_PRODUCER].emit)
-    app.router.add_post("/v1/feedback", post_feedback)
+    resource = app.router.add_resource("/v1/feedback")
+    resource.add_route("POST", post_feedback)
+    # Any other method is 405 here; without this the /v1 catch-all would forward it to vLLM.
+    resource.add_route("*", _method_not_allowed)
+
+
+async def _method_not_allowed(request: web.Request) -> web.Response:
+    raise ProxyError(405, f"{request.method} is not allowed on /v1/feedback; allowed: POST", code="method_not_allowed")

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from proxy.apis import openapi_paths
+
 _ERROR = {
     "type": "object",
     "required": ["error"],
@@ -65,5 +67,6 @@ def openapi_spec() -> dict[str, Any]:
             "/readyz": {"get": {"summary": "Readiness (503 while starting or draining).",
                                 "responses": {"200": {"description": "ready"}, "503": {"description": "not ready"}}}},
             "/metrics": {"get": {"summary": "Prometheus metrics.", "responses": {"200": {"description": "text format"}}}},
+            **openapi_paths(),  # /v1/feedback and /admin/* (proxy/apis.py)
         },
     }
