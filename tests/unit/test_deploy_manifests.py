@@ -38,6 +38,10 @@ COMPOSE_SCHEMA = DEPLOY / "schemas" / "compose-spec.json"
 COMPOSE_SCHEMA_SHA256 = "0dc04bd346dcfee1b1419628fff79937bbf076925f298f272a2b490e2b112bac"
 # The oldest Kubernetes minor we promise to run on (persistentVolumeClaimRetentionPolicy is GA in 1.32).
 K8S_VERSION = "1.32"
+# The onpolicy containers: compose services and Kubernetes workloads that run `onpolicy <command>`.
+APP_SERVICES = ("proxy", "sink", "status", "learner")
+APP_WORKLOADS = (("StatefulSet", "onpolicy-proxy"), ("Deployment", "onpolicy-sink"), ("Deployment", "onpolicy-status"),
+                 ("Deployment", "onpolicy-learner"))
 # What the compose file's ${...} interpolation needs; the values are arbitrary.
 COMPOSE_ENV = {"CLICKHOUSE_PASSWORD": "test-password"}
 # Environment variables that are not pydantic settings but are read by the code, with how to read back
@@ -232,6 +236,8 @@ def _component_settings(command: str) -> list[tuple[str, BaseModel]]:
     if command == "sink":
         return [("ONPOLICY_KAFKA_", KafkaSettings()), ("ONPOLICY_SINK_", SinkSettings()),
                 ("ONPOLICY_WAREHOUSE_", WarehouseSettings())]
+    if command == "status-page":
+        return [("ONPOLICY_WAREHOUSE_", WarehouseSettings())]
     if command == "learner":
         from learner.serving import ServingSettings
 
@@ -284,10 +290,10 @@ def _check_env(command: str, env: dict[str, str], monkeypatch) -> list[str]:
 
 
 def _compose_app_services() -> dict[str, dict]:
-    return {n: s for n, s in _compose()["services"].items() if n in ("proxy", "sink", "learner")}
+    return {n: s for n, s in _compose()["services"].items() if n in APP_SERVICES}
 
 
-@pytest.mark.parametrize("service", ["proxy", "sink", "learner"])
+@pytest.mark.parametrize("service", APP_SERVICES)
 def test_compose_env_vars_are_real_settings(service, monkeypatch):
     svc = _compose_app_services()[service]
     assert _check_env(svc["command"][0], svc["environment"], monkeypatch) == []
@@ -311,8 +317,7 @@ def _k8s_container_env(workload: dict) -> tuple[str, dict[str, str]]:
     return container["args"][0], env
 
 
-@pytest.mark.parametrize("kind,name", [("StatefulSet", "onpolicy-proxy"), ("Deployment", "onpolicy-sink"),
-                                       ("Deployment", "onpolicy-learner")])
+@pytest.mark.parametrize("kind,name", APP_WORKLOADS)
 def test_k8s_env_vars_are_real_settings(kind, name, monkeypatch):
     command, env = _k8s_container_env(_k8s(kind, name))
     assert _check_env(command, env, monkeypatch) == []
@@ -338,8 +343,7 @@ def test_every_component_command_is_an_onpolicy_subcommand():
     assert dockerfile.count('ENTRYPOINT ["onpolicy"]') == 2
     parser = build_parser()
     commands = {s["command"][0] for s in _compose_app_services().values()}
-    commands |= {_k8s(k, n)["spec"]["template"]["spec"]["containers"][0]["args"][0]
-                 for k, n in (("StatefulSet", "onpolicy-proxy"), ("Deployment", "onpolicy-sink"), ("Deployment", "onpolicy-learner"))}
+    commands |= {_k8s(k, n)["spec"]["template"]["spec"]["containers"][0]["args"][0] for k, n in APP_WORKLOADS}
     known = set(parser._subparsers._group_actions[0].choices)
     missing = sorted(commands - known)
     if missing == ["learner"]:
@@ -490,7 +494,8 @@ def test_grace_periods_cover_the_proxy_drain(monkeypatch):
 
 
 def test_every_long_running_container_has_probes_and_resources():
-    for kind, name in (("StatefulSet", "onpolicy-proxy"), ("Deployment", "onpolicy-sink"), ("StatefulSet", "vllm")):
+    for kind, name in (("StatefulSet", "onpolicy-proxy"), ("Deployment", "onpolicy-sink"), ("StatefulSet", "vllm"),
+                       ("Deployment", "onpolicy-status")):
         container = _k8s(kind, name)["spec"]["template"]["spec"]["containers"][0]
         assert "readinessProbe" in container and "livenessProbe" in container, name
     for _, doc in _k8s_objects():
@@ -498,7 +503,7 @@ def test_every_long_running_container_has_probes_and_resources():
             for container in doc["spec"]["template"]["spec"]["containers"]:
                 res = container["resources"]
                 assert {"cpu", "memory"} <= set(res["requests"]) and "memory" in res["limits"], doc["metadata"]["name"]
-    for name in ("kafka", "clickhouse", "vllm", "proxy", "sink"):
+    for name in ("kafka", "clickhouse", "vllm", "proxy", "sink", "status"):
         assert "healthcheck" in _compose()["services"][name], name
 
 
@@ -550,13 +555,13 @@ def test_images_are_the_dockerfile_targets():
     targets = set(re.findall(r"^FROM \S+ AS (\S+)$", dockerfile, re.M))
     services = _compose()["services"]
     images = {}
-    for name in ("proxy", "sink", "learner"):
+    for name in APP_SERVICES:
         build = services[name]["build"]
         assert build["dockerfile"] == "deploy/Dockerfile" and build["target"] in targets, name
         images[build["target"]] = services[name]["image"]
-    assert services["proxy"]["build"]["target"] == services["sink"]["build"]["target"] == "app"
+    assert services["proxy"]["build"]["target"] == services["sink"]["build"]["target"] == services["status"]["build"]["target"] == "app"
     for kind, name, target in (("StatefulSet", "onpolicy-proxy", "app"), ("Deployment", "onpolicy-sink", "app"),
-                               ("Deployment", "onpolicy-learner", "learner")):
+                               ("Deployment", "onpolicy-status", "app"), ("Deployment", "onpolicy-learner", "learner")):
         assert _k8s(kind, name)["spec"]["template"]["spec"]["containers"][0]["image"] == images[target], name
     # The proxy/sink image carries no torch; only the learner target installs it, pinned.
     app_stage = dockerfile.split("AS app")[1].split("FROM ")[0]
