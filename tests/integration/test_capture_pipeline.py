@@ -65,7 +65,19 @@ def test_events_land_exactly_once(kafka, warehouse, unique_group, tmp_path):
         producer.close()
 
 
-def test_bad_payloads_go_to_dead_letters_and_the_sink_keeps_going(kafka, warehouse, unique_group, tmp_path):
+@pytest.fixture
+def private_kafka(tmp_path):
+    """A broker of this test's own: its topics hold only what this test writes."""
+    broker = EmbeddedBroker(data_dir=tmp_path / "private-broker", durable=False).start()
+    settings = KafkaSettings(bootstrap_servers=broker.bootstrap_servers)
+    ensure_topics(settings)
+    yield settings
+    broker.stop()
+
+
+def test_bad_payloads_go_to_dead_letters_and_the_sink_keeps_going(private_kafka, warehouse, unique_group, tmp_path):
+    # Garbage goes to a private broker: other tests read the shared topics and must not see it.
+    kafka = private_kafka
     tag = f"m-{uuid.uuid4().hex[:8]}"
     raw = KafkaProducer(bootstrap_servers=kafka.servers)
     raw.send(INTERACTIONS.name, key=tag.encode(), value=b"{not json")
@@ -179,7 +191,9 @@ def test_sigkill_of_the_producing_process_loses_nothing_it_accepted(kafka, wareh
         producer.close()
 
 
-def test_sigkill_of_the_sink_mid_batch_loses_and_duplicates_nothing(kafka, tmp_path):
+def test_sigkill_of_the_sink_mid_batch_loses_and_duplicates_nothing(private_kafka, tmp_path):
+    # A private broker, so the sink's landed-count metric counts only this test's events.
+    kafka = private_kafka
     tag = f"m-{uuid.uuid4().hex[:8]}"
     n = 12000
     producer = EventProducer(kafka, ProducerSettings(spool_dir=tmp_path / "spool"))
