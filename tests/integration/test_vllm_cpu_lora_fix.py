@@ -19,7 +19,9 @@ import pytest
 
 from tests.vllm_fixtures import chat_ids, concurrent_chats, load_adapter
 
-pytestmark = pytest.mark.slow
+# The first test builds the tiny model (~2.5 min idle, much longer on a busy machine) and starts
+# two servers: more than the default per-test timeout allows on a loaded machine.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
 MAX_TOKENS = 12
 
