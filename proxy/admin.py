@@ -109,9 +109,16 @@ class AdminService:
         if self.warehouse is None:
             async with self._wh_lock:
                 if self.warehouse is None:
+                    from streams.settings import WarehouseSettings
                     from streams.warehouse_server import open_warehouse
 
-                    self.warehouse = await asyncio.to_thread(open_warehouse)
+                    ws = WarehouseSettings()
+                    if ws.url.startswith("chdb://"):
+                        # chdb locks its path to one process (the sink's): opening it here would take it away.
+                        raise ProxyError(503, "the admin API reads the warehouse through its owner: set "
+                                              "ONPOLICY_WAREHOUSE_URL to onpolicy+http://... (the local stack's sink) or a "
+                                              "ClickHouse server URL", code="warehouse_unavailable")
+                    self.warehouse = await asyncio.to_thread(open_warehouse, ws)
         return self.warehouse
 
     async def query(self, sql: str, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
@@ -301,7 +308,12 @@ async def _route_change(request: web.Request, op: str) -> web.Response:
     else:  # rollback
         version = _str(body, "to", required=False)
         if version is None:
-            history = [orjson.loads(ev["payload"] or "{}") for ev in await svc.history(public)]
+            try:
+                events = await svc.history(public)
+            except ProxyError as err:
+                raise ProxyError(503, f"{err.message}; or name the version to roll back to with 'to'", param="to",
+                                 code=err.code) from None
+            history = [orjson.loads(ev["payload"] or "{}") for ev in events]
             # never back to a version that was itself rolled back from
             undone = {p["admin"].get("from") for p in history if (p.get("admin") or {}).get("op") == "rollback"}
             for p in reversed(history):

@@ -52,5 +52,8 @@ def serve(settings) -> None:
     app = create_app(settings)
     log.info("onpolicy proxy on http://%s:%d -> %s (capture %s)", settings.host, settings.port, settings.upstream_url,
              "on" if settings.capture else "off")
+    # handler_cancellation: a client that hangs up cancels its handler at once, which drops the
+    # upstream connection, so vLLM stops generating for nobody (non-streaming requests included).
     web.run_app(app, host=settings.host, port=settings.port, access_log=None, print=None,
-                shutdown_timeout=settings.shutdown_grace_s, loop=uvloop.new_event_loop(), handle_signals=True)
+                shutdown_timeout=settings.shutdown_grace_s, loop=uvloop.new_event_loop(), handle_signals=True,
+                handler_cancellation=True)

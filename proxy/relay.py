@@ -46,8 +46,10 @@ REWRITE_ID = frozenset({"/chat/completions", "/completions"})
 # The first key of an OpenAI response object is its id: {"id":"chatcmpl-...", ...}
 _HEAD_ID = re.compile(rb'\s*\{\s*"id"\s*:\s*"([^"\\]*)"')
 _STREAM_ID = re.compile(rb'data:\s*\{\s*"id"\s*:\s*"([^"\\]*)"')
+_RESPONSES_END = re.compile(rb'"type":\s*"response\.(?:completed|failed|incomplete)"')
 
 _CLIENT_GONE = (ConnectionResetError, aiohttp.ClientConnectionResetError, ConnectionError)
+CLIENT_CLOSED = 499  # recorded (never sent) when the client left before any response: nginx's convention
 
 
 def _require_fields(req: dict[str, Any], route: str) -> None:
@@ -134,6 +136,11 @@ async def openai_post(request: web.Request) -> web.StreamResponse:
         try:
             upstream = await st.upstream.request("POST", request.path[3:], body, st.upstream.headers(request.headers),
                                                  stream=stream, query=request.query_string)
+        except asyncio.CancelledError:
+            # The client hung up while the upstream was still thinking (aiohttp cancels the handler:
+            # handler_cancellation=True); the upstream connection is dropped, so vLLM stops too.
+            ex.abandoned, ex.status = True, CLIENT_CLOSED
+            raise
         except ProxyError as err:
             ex.status, ex.error, ex.t_end = err.status, err.message, time.perf_counter()
             st.metrics.upstream_errors.labels(route, err.code or "error").inc()
@@ -167,6 +174,10 @@ async def _relay_body(request, st: ProxyState, upstream: aiohttp.ClientResponse,
                       rewrite_id: bool) -> web.StreamResponse:
     try:
         data = await upstream.read()
+    except asyncio.CancelledError:  # the client hung up: drop the upstream connection so vLLM stops
+        upstream.close()
+        ex.abandoned, ex.status = True, CLIENT_CLOSED
+        raise
     except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
         upstream.close()
         err = ProxyError(504, f"the upstream model server did not finish within {st.upstream.timeout_s:g}s; "
@@ -228,6 +239,8 @@ async def _relay_stream(request, st: ProxyState, upstream: aiohttp.ClientRespons
         ex.abandoned = True
         upstream.close()
         return resp
+    upstream_done = delivered_all = False
+    responses_api = ex.endpoint == "/responses"
     try:
         async for chunk in upstream.content.iter_any():
             if rewrite_id:
@@ -249,18 +262,28 @@ async def _relay_stream(request, st: ProxyState, upstream: aiohttp.ClientRespons
                 ex.t_first = time.perf_counter()
             chunks.append(chunk)
             await resp.write(chunk)
+            if not delivered_all and (b"[DONE]" in chunk[-16:] or (responses_api and _RESPONSES_END.search(chunk))):
+                delivered_all = True  # the client has the whole answer; hanging up now abandons nothing
         if carry:
             chunks.append(carry)
             await resp.write(carry)
+        upstream_done = True
         # Everything the upstream sent was delivered. A client that hangs up now (the SDK closes
         # as soon as it read [DONE]) did not abandon anything.
         try:
             await resp.write_eof()
         except _CLIENT_GONE:
             pass
+    except asyncio.CancelledError:
+        # aiohttp cancels the handler when the client's connection drops (handler_cancellation).
+        # Once everything was relayed (the SDK hangs up right after [DONE]) nothing was abandoned.
+        ex.abandoned = not (upstream_done or delivered_all)
+        upstream.close()
+        ex.t_end = time.perf_counter()
+        raise
     except _CLIENT_GONE:
         # The client left: close the upstream connection so vLLM stops generating for nobody.
-        ex.abandoned = True
+        ex.abandoned = not delivered_all
         upstream.close()
     except (asyncio.TimeoutError, aiohttp.ClientError, OSError) as exc:
         # The upstream stalled or cut the stream: tell the client in-band (the OpenAI SDK raises

@@ -75,7 +75,8 @@ class RunningProxy:
 
     async def _start(self) -> None:
         self.app = create_app(self.settings, **self.create_kwargs)
-        self._runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=self.settings.shutdown_grace_s)
+        self._runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=self.settings.shutdown_grace_s,
+                                     handler_cancellation=True)  # as `onpolicy proxy` runs it
         await self._runner.setup()
         await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
 

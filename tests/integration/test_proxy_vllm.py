@@ -391,6 +391,31 @@ def test_abandoned_stream_is_captured_and_vllm_stops(client, vllm_server, reader
     assert running == 0
 
 
+def test_abandoned_non_streaming_request_is_captured_and_vllm_stops(proxy, vllm_server, reader):
+    body = {"model": vllm_server.model, "max_tokens": 400, "temperature": 0,
+            "messages": [{"role": "user", "content": "Write a long story about a castle."}]}
+    sent = time.time()
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(proxy.base_url + "/chat/completions", json=body, timeout=httpx.Timeout(30, read=1.5))
+    # find the event: the client never saw the id, so look for the abandoned request sent just now
+    deadline = time.monotonic() + 20
+    ev = None
+    while ev is None and time.monotonic() < deadline:
+        reader.poll()
+        ev = next((e for evs in reader.by_iid.values() for e in evs.values()
+                   if e.abandoned and not e.stream and e.ts.timestamp() >= sent - 1), None)
+    assert ev is not None and ev.http_status == 499 and ev.response is None
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        text = httpx.get(vllm_server.base_url[:-3] + "/metrics", timeout=5).text
+        running = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                      if line.startswith("vllm:num_requests_running"))
+        if running == 0:
+            break
+        time.sleep(0.2)
+    assert running == 0
+
+
 def test_opt_out_and_redaction_and_identity(client, vllm_server, reader):
     r = client.chat.completions.with_raw_response.create(
         model=vllm_server.model, max_tokens=4, temperature=0,
