@@ -563,6 +563,13 @@ def test_images_are_the_dockerfile_targets():
     for kind, name, target in (("StatefulSet", "onpolicy-proxy", "app"), ("Deployment", "onpolicy-sink", "app"),
                                ("Deployment", "onpolicy-status", "app"), ("Deployment", "onpolicy-learner", "learner")):
         assert _k8s(kind, name)["spec"]["template"]["spec"]["containers"][0]["image"] == images[target], name
+    # The proxy/sink image installs the base dependencies (`pip install .`): none of them may pull the
+    # training stack. (Resolving `pip install --dry-run .` in a fresh venv listed 38 packages, no torch.)
+    import tomllib
+
+    base = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    heavy = [d for d in base if re.split(r"[\[=<>!~ ;]", d, maxsplit=1)[0].lower() in ("torch", "transformers", "peft", "litellm", "vllm")]
+    assert not heavy, f"base dependencies pull the training/hosted stack into the proxy image: {heavy}"
     # The proxy/sink image carries no torch; only the learner target installs it, pinned.
     app_stage = dockerfile.split("AS app")[1].split("FROM ")[0]
     app_commands = [line for line in app_stage.splitlines() if not line.lstrip().startswith("#")]
