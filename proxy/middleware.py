@@ -9,7 +9,15 @@ from aiohttp import web
 from proxy.errors import ProxyError, error_response
 from proxy.state import STATE
 
+_ROUTES = frozenset({"/chat/completions", "/completions", "/embeddings", "/responses"})
+
 log = logging.getLogger(__name__)
+
+
+def _count(request: web.Request, status: int) -> None:
+    """Requests the proxy refused before they became interactions: counted, not captured."""
+    route = request.path[3:] if request.path.startswith("/v1/") else "other"
+    request.app[STATE].metrics.observe(route if route in _ROUTES else "other", "-", "-", status, 0.0)
 
 
 @web.middleware
@@ -17,8 +25,10 @@ async def openai_errors(request: web.Request, handler):
     try:
         return await handler(request)
     except ProxyError as err:
+        _count(request, err.status)
         return error_response(err)
     except web.HTTPRequestEntityTooLarge:
+        _count(request, 413)
         limit = request.app[STATE].settings.max_body_bytes
         return error_response(ProxyError(
             413, f"the request body is larger than this proxy accepts ({limit} bytes, max_body_bytes); "
