@@ -208,6 +208,11 @@ class Capture:
             usage = response.get("usage") if isinstance(response.get("usage"), dict) else None
         req = ex.request
         sampling = {k: req[k] for k in SAMPLING_KEYS if k in req}
+        if ex.endpoint == "/embeddings" and isinstance(response, dict) and isinstance(response.get("data"), list):
+            # Vectors teach the learner nothing and can be megabytes: keep their shape only.
+            response = dict(response, data=[
+                {"index": d.get("index"), "dimensions": len(d.get("embedding") or ())} if isinstance(d, dict) else d
+                for d in response["data"]])
         size = len(ex.request_body or b"") + len(ex.body or b"") + sum(len(c) for c in ex.chunks)
         if size > self.max_event_bytes:
             n = len(_collect(req)) + len(_collect(response)) + len(_collect(logprobs)) + 1
@@ -225,7 +230,7 @@ class Capture:
                          "total_tokens": usage.get("total_tokens")}
             usage = {k: usage.get(k) for k in ("prompt_tokens", "completion_tokens", "total_tokens")
                      if isinstance(usage.get(k), int)}
-        return InteractionEvent(
+        event = InteractionEvent(
             interaction_id=ex.interaction_id,
             endpoint=ex.endpoint,
             public_model=ex.public_model,
@@ -249,3 +254,11 @@ class Capture:
             tenant=ex.tenant,
             train_opt_out=ex.train_opt_out,
         )
+        if size > self.max_event_bytes and len(event.to_json()) > self.max_event_bytes:
+            # Still too big (huge arrays, not long strings): keep the request, drop the answer's body.
+            event = event.model_copy(update={
+                "response": {"omitted": f"the response was too large to capture ({size} bytes)"}, "logprobs": None})
+            if len(event.to_json()) > self.max_event_bytes:
+                event = event.model_copy(update={"request": {"model": req.get("model"), TRUNCATED_KEY: True,
+                                                             "omitted": "the request was too large to capture"}})
+        return event

@@ -218,3 +218,17 @@ def test_worker_frames_round_trip():
     frame = pack(obj, obj.request_body)
     m, r, s = struct.unpack("<III", frame[:12])
     assert unpack(frame[12:12 + m], frame[12 + m:12 + m + r], frame[12 + m + r:]).response == {"id": "x", "choices": []}
+
+
+def test_embeddings_keep_only_their_shape_and_huge_arrays_are_dropped():
+    cap = Capture(Keep(), RegexRedactor(), max_event_bytes=20_000)
+    body = orjson.dumps({"object": "list", "data": [{"object": "embedding", "index": i, "embedding": [0.5] * 384}
+                                                    for i in range(30)], "usage": {"prompt_tokens": 30, "total_tokens": 30}})
+    req = {"model": "e", "input": ["hello"] * 30}
+    cap.record(_exchange(endpoint="/embeddings", request=req, request_body=orjson.dumps(req), body=body))
+    ev = cap.producer.events[-1]
+    assert ev.response["data"][3] == {"index": 3, "dimensions": 384} and len(ev.to_json()) < 20_000
+    huge = orjson.dumps({"id": "x", "choices": [{"index": 0, "logprobs": {"content": [{"token": "a", "logprob": -1.0}] * 5000}}]})
+    cap.record(_exchange(body=huge))
+    ev = cap.producer.events[-1]
+    assert "omitted" in ev.response and ev.logprobs is None and len(ev.to_json()) < 20_000
