@@ -8,8 +8,9 @@
     onpolicy admin pause --reason "..."              onpolicy admin resume --reason "..."
 
 Talks to ``--url`` (``ONPOLICY_ADMIN_URL``, default http://127.0.0.1:8080) with the admin token from
-``ONPOLICY_ADMIN_TOKEN`` or the proxy's token file (``$ONPOLICY_HOME/secrets/admin_token``, made by the
-proxy on its first admin request, or by this command if it is missing -- same file, same host).
+``ONPOLICY_ADMIN_TOKEN`` or the proxy's token file (``$ONPOLICY_HOME/secrets/admin_token``; this command
+creates it, mode 0600, if it is missing, and the proxy on the same host reads it -- the proxy never
+writes it).
 Standard library only; exits 1 with the server's message on an error.
 """
 
@@ -60,7 +61,7 @@ def _token() -> str:
     from proxy.admin import admin_token
     from proxy.settings import ProxySettings
 
-    return admin_token(ProxySettings())
+    return admin_token(ProxySettings(), create=True) or ""
 
 
 def call(url: str, method: str, path: str, token: str, body: dict[str, Any] | None = None) -> dict[str, Any]:

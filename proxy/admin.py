@@ -56,8 +56,10 @@ NOT_ROUTABLE = ("candidate", "gate_failed", "shadow_failed")
 MAX_REASON_CHARS = 2000
 
 
-def admin_token(settings: ProxySettings) -> str:
-    """The configured token, or the token file (created once, mode 0600, shared by replicas on one host)."""
+def admin_token(settings: ProxySettings, *, create: bool = False) -> str | None:
+    """The configured token, or the token file's; None when neither exists. ``create`` (the admin CLI,
+    the local stack) makes the file once, mode 0600; the proxy only reads it, so a proxy (or a test)
+    never writes a secret into the home directory as a side effect of a request."""
     if settings.admin_token is not None:
         token = settings.admin_token.get_secret_value()
         if len(token) < 16:
@@ -65,6 +67,8 @@ def admin_token(settings: ProxySettings) -> str:
         return token
     path = settings.admin_token_file
     if not path.exists():
+        if not create:
+            return None
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -96,7 +100,12 @@ class AdminService:
                                   "at admin_token_file)", code="missing_admin_token")
         token = bearer(header) or ""
         if self._token_hash is None:
-            self._token_hash = hashlib.sha256(admin_token(self.state.settings).encode()).digest()
+            configured = admin_token(self.state.settings)  # re-read while missing: the CLI may create it later
+            if configured is None:
+                raise ProxyError(503, "the admin API has no token yet: run `onpolicy admin versions` once on this host "
+                                      "(it creates admin_token_file), or set ONPOLICY_PROXY_ADMIN_TOKEN",
+                                 code="admin_not_configured")
+            self._token_hash = hashlib.sha256(configured.encode()).digest()
         if hmac.compare_digest(hashlib.sha256(token.encode()).digest(), self._token_hash):
             return
         if token and self.keys.lookup(token) is not None:

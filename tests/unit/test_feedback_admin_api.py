@@ -152,3 +152,18 @@ def _now():
     import datetime as dt
 
     return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+
+
+async def test_without_a_configured_token_the_admin_api_is_closed_and_nothing_is_written(tmp_path):
+    token_file = tmp_path / "secrets" / "admin_token"
+    s = ProxySettings(upstream_url="http://127.0.0.1:9/v1", capture=False, follow_control=False,
+                      interaction_id_key="unit-admin-signing-key-0123456789", admin_token_file=token_file)
+    app = create_app(s, producer=Loopback.__new__(Loopback), router=Router())
+    async with TestClient(TestServer(app)) as client:
+        status, body = await call(client, "GET", "/admin/routing", token="anything-at-all-000000000")
+        assert status == 503 and body["error"]["code"] == "admin_not_configured" and not token_file.exists()
+        from proxy.admin import admin_token
+
+        made = admin_token(s, create=True)  # what `onpolicy admin` does on first use
+        assert token_file.stat().st_mode & 0o777 == 0o600
+        assert (await call(client, "GET", "/admin/routing", token=made))[0] == 200
