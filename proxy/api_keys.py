@@ -22,9 +22,11 @@ import argparse
 import hashlib
 import hmac
 import json
+import os
 import secrets
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable, Mapping
 
 HASH_PREFIX = "sha256:"
@@ -47,6 +49,21 @@ def hash_key(key: str, pepper: bytes | None) -> str:
 
 def new_key() -> str:
     return "op-" + secrets.token_urlsafe(32)
+
+
+def ensure_key_file(path: Path, *, tenant: str = "", name: str = "demo", pepper: bytes | None = None) -> dict[str, str]:
+    """Make a key in ``path`` once (mode 0600; kept if it exists) and return its config entry, which holds
+    only the hash -- for a local stack that hands the key to its own clients (the demo's users)."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass  # made by a concurrent start: use theirs
+        else:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(new_key())
+    return {"name": name, "tenant": tenant, "sha256": hash_key(path.read_text().strip(), pepper)}
 
 
 class ApiKeyError(ValueError):
@@ -109,11 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     n.add_argument("--name", default=None, help="a label for logs and the audit trail")
     n.add_argument("--pepper-env", default=None, help="env var holding the proxy's api_key_pepper, if one is set")
     args = p.parse_args(argv)
-    import os
-
     pepper = os.environ[args.pepper_env].encode() if args.pepper_env else None
     key = new_key()
-    entry = {"name": args.name or f"{args.tenant or 'default'}-{key[3:9]}", "tenant": args.tenant,
+    # the label is random, not a slice of the key: labels go to logs and events
+    entry = {"name": args.name or f"{args.tenant or 'default'}-{secrets.token_hex(3)}", "tenant": args.tenant,
              "sha256": hash_key(key, pepper)}
     print(f"key (give to the client, shown once): {key}")
     print(f"config entry (api_keys): {json.dumps(entry)}")

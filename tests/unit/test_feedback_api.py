@@ -207,3 +207,14 @@ def test_keys_are_stored_hashed_and_config_errors_say_how_to_fix():
     with pytest.raises(ValueError, match="64 hex"):
         ApiKeys([{"tenant": "t", "sha256": "abc"}])
     assert bearer("bearer  tok ") == "tok" and bearer("Basic tok") is None and bearer(None) is None
+
+
+def test_a_local_stack_key_file_is_made_once_and_only_its_hash_configured(tmp_path):
+    from proxy.api_keys import ensure_key_file
+
+    path = tmp_path / "secrets" / "demo_api_key"
+    entry = ensure_key_file(path)
+    key = path.read_text().strip()
+    assert path.stat().st_mode & 0o777 == 0o600 and key.startswith("op-")
+    assert ensure_key_file(path) == entry and key not in str(entry)
+    assert ApiKeys([entry]).lookup(key).tenant == ""
