@@ -61,3 +61,4 @@ def test_admin_cli_every_subcommand(proxy, capsys, monkeypatch):
     monkeypatch.setenv("ONPOLICY_ADMIN_TOKEN", "wrong-token-0000000000000000")
     with pytest.raises(SystemExit, match="401: invalid admin token"):
         cli(proxy, "versions")
+
