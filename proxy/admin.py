@@ -412,16 +412,17 @@ def _route_handler(op: str):
 
 
 def register(app: web.Application) -> None:
-    from proxy.apis import API_PRODUCER
+    from proxy.apis import API_METRICS, API_PRODUCER
     from proxy.feedback import FEEDBACK
 
     state = app[STATE]
     if state.settings.admin_token is not None:
         admin_token(state.settings)  # a too-short configured token fails at start, not on a request
     app[ADMIN] = AdminService(state, app[API_PRODUCER].emit, app[FEEDBACK].keys)
-    app.router.add_get("/admin/versions", get_versions)
-    app.router.add_get("/admin/routing", get_routing)
+    counted = app[API_METRICS].counted
+    app.router.add_get("/admin/versions", counted("/admin/versions", get_versions))
+    app.router.add_get("/admin/routing", counted("/admin/routing", get_routing))
     for op in ("promote", "pin", "unpin", "rollback", "canary"):
-        app.router.add_post(f"/admin/{op}", _route_handler(op))
-    app.router.add_post("/admin/pause", post_learning)
-    app.router.add_post("/admin/resume", post_learning)
+        app.router.add_post(f"/admin/{op}", counted(f"/admin/{op}", _route_handler(op)))
+    app.router.add_post("/admin/pause", counted("/admin/pause", post_learning))
+    app.router.add_post("/admin/resume", counted("/admin/resume", post_learning))

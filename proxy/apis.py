@@ -60,6 +60,41 @@ class ApiProducer:
 API_PRODUCER: web.AppKey[ApiProducer] = web.AppKey("onpolicy_api_producer", ApiProducer)
 
 
+class ApiMetrics:
+    """Counters of the feedback and admin APIs, in the proxy's registry (label values are bounded: routes
+    and error codes are fixed sets, kinds and sources are enums)."""
+
+    def __init__(self, registry) -> None:
+        from prometheus_client import Counter
+
+        self.requests = Counter("onpolicy_api_requests_total", "Feedback and admin API requests, by route, status and error code.",
+                                ("route", "status", "code"), registry=registry)
+        self.feedback = Counter("onpolicy_feedback_events_total", "Feedback events accepted, by kind and source.",
+                                ("kind", "source"), registry=registry)
+
+    def counted(self, route: str, handler):
+        """``handler`` with every answer counted; errors are re-raised for the error middleware."""
+        from proxy.errors import ProxyError
+
+        async def wrapped(request: web.Request) -> web.StreamResponse:
+            try:
+                resp = await handler(request)
+            except ProxyError as err:
+                self.requests.labels(route, str(err.status), err.code or "").inc()
+                raise
+            except Exception:
+                self.requests.labels(route, "500", "internal_error").inc()
+                raise
+            self.requests.labels(route, str(resp.status), "").inc()
+            return resp
+
+        wrapped.__name__ = getattr(handler, "__name__", "handler")
+        return wrapped
+
+
+API_METRICS: web.AppKey[ApiMetrics] = web.AppKey("onpolicy_api_metrics", ApiMetrics)
+
+
 def register_apis(app: web.Application) -> None:
     """Add POST /v1/feedback and /admin/* to the proxy app (call from ``create_app`` after STATE is set,
     before the catch-all /v1 route)."""
@@ -67,6 +102,7 @@ def register_apis(app: web.Application) -> None:
 
     api = ApiProducer(app[STATE])
     app[API_PRODUCER] = api
+    app[API_METRICS] = ApiMetrics(app[STATE].metrics.registry)
     feedback.register(app)
     admin.register(app)
 

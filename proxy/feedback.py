@@ -355,12 +355,21 @@ async def post_feedback(request: web.Request) -> web.Response:
 
 
 def register(app: web.Application) -> None:
-    from proxy.apis import API_PRODUCER
+    from proxy.apis import API_METRICS, API_PRODUCER
 
     state = app[STATE]
-    app[FEEDBACK] = FeedbackService(state.settings, state.ids, load_api_keys(state.settings), app[API_PRODUCER].emit)
+    metrics = app[API_METRICS]
+    producer = app[API_PRODUCER]
+
+    def emit(event: FeedbackEvent) -> bool:
+        ok = producer.emit(event)
+        if ok:
+            metrics.feedback.labels(event.kind, event.source).inc()
+        return ok
+
+    app[FEEDBACK] = FeedbackService(state.settings, state.ids, load_api_keys(state.settings), emit)
     resource = app.router.add_resource("/v1/feedback")
-    resource.add_route("POST", post_feedback)
+    resource.add_route("POST", metrics.counted("/v1/feedback", post_feedback))
     # Any other method is 405 here; without this the /v1 catch-all would forward it to vLLM.
     resource.add_route("*", _method_not_allowed)
 

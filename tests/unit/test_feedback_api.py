@@ -218,3 +218,13 @@ def test_a_local_stack_key_file_is_made_once_and_only_its_hash_configured(tmp_pa
     assert path.stat().st_mode & 0o777 == 0o600 and key.startswith("op-")
     assert ensure_key_file(path) == entry and key not in str(entry)
     assert ApiKeys([entry]).lookup(key).tenant == ""
+
+
+async def test_metrics_count_feedback_and_refusals_without_secrets(api):
+    iid = IDS.issue("chatcmpl-", tenant="acme")
+    await post(api, {"interaction_id": iid, "kind": "thumbs", "value": 1})
+    await post(api, {"interaction_id": iid, "kind": "thumbs", "value": 1}, key="op-bad-key-123")
+    text = await (await api.get("/metrics")).text()
+    assert 'onpolicy_feedback_events_total{kind="thumbs",source="explicit"} 1.0' in text
+    assert 'onpolicy_api_requests_total{code="invalid_api_key",route="/v1/feedback",status="401"} 1.0' in text
+    assert "op-bad-key-123" not in text and KEY_A not in text
