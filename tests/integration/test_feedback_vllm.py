@@ -160,3 +160,32 @@ def test_forged_ids_other_tenants_and_bad_keys_are_refused(proxies, vllm_server)
         feedback(iid, "thumbs", 1, base_url=a.base_url, api_key=KEY_ACME)
     assert exc.value.status == 403 and exc.value.code == "wrong_tenant"
     assert feedback(iid, "thumbs", 1, base_url=a.base_url, api_key=KEY_BETA)
+
+
+def test_admin_actions_land_in_the_clickhouse_audit_log(proxies, landing):
+    """Through the real broker and sink: an admin action is a control event in the control table, with its
+    actor and reason, and GET /admin/versions reads the same warehouse."""
+    from proxy.admin import ADMIN
+
+    a, _ = proxies
+    a.app[ADMIN].warehouse = landing
+    token = "feedback-integration-admin-0123456"
+    reason = f"incident {uuid.uuid4().hex[:6]}"
+    req = urllib.request.Request(f"{a.root_url}/admin/pause", method="POST",
+                                 data=json.dumps({"reason": reason, "actor": "oncall"}).encode(),
+                                 headers={"authorization": f"Bearer {token}", "content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        assert resp.status == 202
+        event_id = json.loads(resp.read())["id"]
+
+    def audited() -> bool:
+        return bool(landing.query("SELECT 1 FROM {db}.control FINAL WHERE event_id = {e:String}", {"e": event_id}))
+
+    wait_until(audited, 60, "the admin action in the control table")
+    [row] = landing.query_dicts("SELECT action, actor, reason FROM {db}.control FINAL WHERE event_id = {e:String}",
+                                {"e": event_id})
+    assert row == {"action": "learning_paused", "actor": "admin:oncall", "reason": reason}
+    req = urllib.request.Request(f"{a.root_url}/admin/versions", headers={"authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        body = json.loads(resp.read())
+    assert body["versions"] == [] and "routing" in body
