@@ -580,13 +580,14 @@ def test_images_are_the_dockerfile_targets():
 # --- docs name only metrics the code exports ------------------------------------------------------------
 
 def _exported_metric_names() -> set[str]:
-    """Every metric name the proxy, the producer, the sink and the publisher expose, as Prometheus shows it
+    """Every metric name the proxy (with its feedback/admin APIs), the producer, the sink and the publisher expose, as Prometheus shows it
     (counters with ``_total``), collected from the real collectors over stand-in state."""
     from types import SimpleNamespace as NS
 
     from prometheus_client import REGISTRY, CollectorRegistry
 
     import learner.publisher  # noqa: F401  (registers the publisher's metrics in the default registry)
+    from proxy.apis import ApiMetrics
     from proxy.metrics import CaptureCollector, ProxyMetrics
     from streams.producer import ProducerCollector
     from streams.sink import SinkCollector
@@ -595,6 +596,7 @@ def _exported_metric_names() -> set[str]:
     capture = NS(emitted=0, dropped=0, failed=0, queue_bytes=0, restarts=0, lost_bytes=0, redactor=None,
                  worker_stats=lambda: {"connected": True})
     proxy.registry.register(CaptureCollector(capture, NS(table=NS(routes={}, offset=-1), bad_events=0)))
+    ApiMetrics(proxy.registry)
     others = CollectorRegistry()
     stats = dict.fromkeys(("accepted", "sent", "spooled", "replayed", "overflowed", "dropped", "send_failures",
                            "corrupt_records", "spool_bytes", "backlog_bytes"), 0)
