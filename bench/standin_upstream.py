@@ -7,6 +7,7 @@ produce on demand. The wire format copies vLLM's: JSON bodies with ``id`` first,
 
 Behaviour is picked by the request's model name:
 - anything else                   : instant answer; non-streaming ~500-byte body, streaming 64 chunks;
+                                    the id is ``chatcmpl-<X-Request-Id>`` when that header is sent, as vLLM does;
 - ``standin-slow``                : a stream whose chunks come every 50 ms (8 chunks);
 - ``standin-reset``               : a stream that sends 3 chunks, then resets the connection;
 - ``standin-hang``                : never answers (timeouts);
@@ -23,6 +24,7 @@ import json
 import socket
 
 MODEL = "standin-model"
+_STANDIN_ID = b"standin00000000000000000000"
 _CREATED = 1764115200
 
 
@@ -59,6 +61,8 @@ _MODELS = json.dumps({"object": "list", "data": [{"id": MODEL, "object": "model"
 
 class StandinProtocol(asyncio.Protocol):
     cache: dict[tuple[bytes, bool], bytes] = {}
+    events_cache: dict[bytes, list[bytes]] = {}
+    body_cache: dict[bytes, bytes] = {}
 
     def connection_made(self, transport):
         self.transport = transport
@@ -85,6 +89,7 @@ class StandinProtocol(asyncio.Protocol):
 
     def respond(self, head: bytes, body: bytes) -> None:
         line = head.split(b"\r\n", 1)[0]
+        lower = head.lower()
         if line.startswith(b"GET /v1/models"):
             self.transport.write(_HEAD_JSON % (200, b"OK", len(_MODELS)) + _MODELS)
             return
@@ -110,6 +115,9 @@ class StandinProtocol(asyncio.Protocol):
             return
         key = (model, stream)
         out = self.cache.get(key)
+        # Like vLLM: the response id is "chatcmpl-<X-Request-Id>" when the client sends one.
+        at = lower.find(b"\r\nx-request-id:")
+        req_id = head[at + 15:head.find(b"\r\n", at + 2) if head.find(b"\r\n", at + 2) > 0 else None].strip() if at >= 0 else None
         if out is None:
             if stream:
                 out = _HEAD_SSE + b"".join(_chunk(e) for e in _sse_events(model, 64)) + b"0\r\n\r\n"
@@ -118,6 +126,19 @@ class StandinProtocol(asyncio.Protocol):
                 out = _HEAD_JSON % (200, b"OK", len(b)) + b
             if len(self.cache) < 1000:
                 self.cache[key] = out
+        if req_id:
+            new_id = b"chatcmpl-" + req_id
+            if stream:  # re-frame: every HTTP chunk's length changes with the id
+                events = self.events_cache.get(model)
+                if events is None:
+                    events = self.events_cache[model] = _sse_events(model, 64)
+                out = _HEAD_SSE + b"".join(_chunk(e.replace(b"chatcmpl-" + _STANDIN_ID, new_id)) for e in events) + b"0\r\n\r\n"
+            else:
+                template = self.body_cache.get(model)
+                if template is None:
+                    template = self.body_cache[model] = _chat_body(model)
+                b = template.replace(b"chatcmpl-" + _STANDIN_ID, new_id)
+                out = _HEAD_JSON % (200, b"OK", len(b)) + b
         self.transport.write(out)
 
     async def slow(self, model: bytes) -> None:

@@ -131,10 +131,16 @@ async def openai_post(request: web.Request) -> web.StreamResponse:
     headers = {IID_HEADER: iid}
     if res.adapter_version is not None:
         headers[VERSION_HEADER] = res.adapter_version
+    up_headers = st.upstream.headers(request.headers)
+    if route in REWRITE_ID:
+        # vLLM names its response "chatcmpl-<X-Request-Id>" / "cmpl-<X-Request-Id>": handing it our id
+        # makes the upstream's id the interaction id already, so no byte splice is needed (and vLLM's
+        # logs carry the same id). Upstreams that ignore the header get their ids rewritten below.
+        up_headers["X-Request-Id"] = iid[len(ENDPOINTS[route][0]):]
     st.metrics.in_flight.inc()
     try:
         try:
-            upstream = await st.upstream.request("POST", request.path[3:], body, st.upstream.headers(request.headers),
+            upstream = await st.upstream.request("POST", request.path[3:], body, up_headers,
                                                  stream=stream, query=request.query_string)
         except asyncio.CancelledError:
             # The client hung up while the upstream was still thinking (aiohttp cancels the handler:
@@ -212,6 +218,8 @@ async def _relay_body(request, st: ProxyState, upstream: aiohttp.ClientResponse,
 def _splice_id(data: bytes, iid: str) -> bytes:
     m = _HEAD_ID.match(data)
     if m is not None:
+        if m.group(1) == iid.encode():  # the upstream used our X-Request-Id
+            return data
         return b"".join((data[: m.start(1)], iid.encode(), data[m.end(1):]))
     try:  # an upstream that does not put "id" first: the slow, always-right way
         obj = orjson.loads(data)
@@ -256,7 +264,9 @@ async def _relay_stream(request, st: ProxyState, upstream: aiohttp.ClientRespons
                     m = _STREAM_ID.search(chunk)
                     if m is not None:
                         up_id = m.group(1)
-                if up_id is not None:
+                        if up_id == iid_b:  # the upstream used our X-Request-Id: nothing to rewrite
+                            rewrite_id = False
+                if up_id is not None and rewrite_id:
                     chunk = chunk.replace(up_id, iid_b)
             if ex.t_first is None:
                 ex.t_first = time.perf_counter()
