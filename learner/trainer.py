@@ -257,9 +257,14 @@ def masked_mean_per_sequence(values: torch.Tensor, mask: torch.Tensor) -> torch.
 SDFT_TEMPLATE = "{question}\n\nHere is an example of a good answer:\n{demo}\n\nNow answer the question yourself."
 
 
-def teacher_messages(messages: Sequence[Message], demonstration: str) -> list[Message]:
+def teacher_messages(messages: Sequence[Message], demonstration: str, style: str = "instruction") -> list[Message]:
     """The SDFT teacher's context: the user's question with the demonstration shown in context
-    (the paper conditions the same model on the demonstration; this is our wording of it)."""
+    (the paper conditions the same model on the demonstration; this is our wording of it).
+    ``style="turn"`` shows it as an earlier exchange instead (question, demonstration, question)."""
+    if style == "turn":
+        last_user = max(i for i, m in enumerate(messages) if m.get("role") == "user")
+        prior = [dict(m) for m in messages[: last_user + 1]]
+        return prior + [{"role": "assistant", "content": demonstration}] + [dict(m) for m in messages[last_user:]]
     out = [dict(m) for m in messages]
     for m in reversed(out):
         if m.get("role") == "user":
@@ -551,7 +556,8 @@ class DistillTrainer:
         self.steps += 1
         return float(loss.detach())
 
-    def sdft_step(self, examples: Sequence[tuple[Sequence[Message], str]], samples_per_prompt: int = 2) -> dict[str, float]:
+    def sdft_step(self, examples: Sequence[tuple[Sequence[Message], str]], samples_per_prompt: int = 2,
+                  teacher_style: str = "instruction") -> dict[str, float]:
         """examples: (prompt messages, demonstration). The student samples from the prompt alone; the
         teacher scores the student's tokens with the demonstration in context."""
         pol = self.policy
@@ -559,7 +565,8 @@ class DistillTrainer:
         ro = pol.sample([m for m, _ in examples], samples_per_prompt, seed=seed)
         answers = ro.ids[:, ro.prompt_len:]
         # teacher sequences: teacher prompt (left-padded) + the same answer tokens
-        t_ids, t_attn = pol.encode_prompts([teacher_messages(examples[i][0], examples[i][1]) for i in ro.prompt_index])
+        t_ids, t_attn = pol.encode_prompts([teacher_messages(examples[i][0], examples[i][1], teacher_style)
+                                            for i in ro.prompt_index])
         t_full = torch.cat([t_ids, answers], dim=1)
         t_attn_full = torch.cat([t_attn, ro.answer_mask], dim=1)
         pol.model.train()
