@@ -14,6 +14,7 @@ COMMAND_MODULES = (
     "deploy.stack_cli",
     "deploy.demo_cli",
     "deploy.status_page",
+    "deploy.admin_cli",
     "streams.cli",
     "proxy.cli",
     "learner.cli",

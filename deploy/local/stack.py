@@ -165,6 +165,19 @@ class Stack:
         self.vllm.start()
         done("vLLM")
         proxy_env = self.client_env()
+        # Secrets of the local stack, created once (0600): the demo users' feedback API key (the
+        # proxy gets only its hash) and the admin token.
+        from proxy.admin import admin_token
+        from proxy.api_keys import ensure_key_file
+        from proxy.settings import ProxySettings
+
+        secrets_dir = self.home / "secrets"
+        entry = ensure_key_file(secrets_dir / "demo_api_key", tenant="", name="demo")
+        keys_file = secrets_dir / "api_keys.json"
+        keys_file.write_text(json.dumps([entry]))
+        admin_token(ProxySettings(admin_token_file=secrets_dir / "admin_token"), create=True)
+        proxy_env.update(ONPOLICY_PROXY_API_KEYS_FILE=str(keys_file),
+                         ONPOLICY_PROXY_ADMIN_TOKEN_FILE=str(secrets_dir / "admin_token"))
         proxy_env.update(ONPOLICY_PRODUCER_SPOOL_DIR=str(self.home / "spool" / "proxy"))
         proxy = ManagedProcess(
             "proxy", [sys.executable, "-m", "deploy.cli", "proxy", "--port", str(self.ports["proxy"]),
@@ -183,6 +196,8 @@ class Stack:
             "OpenAI base_url": f"http://127.0.0.1:{self.ports['proxy']}/v1",
             "model": built.served_name,
             "status page": f"http://127.0.0.1:{self.ports['status']}/status",
+            "admin token": str(self.home / "secrets" / "admin_token") + "  (onpolicy admin versions)",
+            "feedback API key": str(self.home / "secrets" / "demo_api_key"),
             "proxy metrics": f"http://127.0.0.1:{self.ports['proxy']}/metrics",
             "vLLM (direct)": self.vllm.base_url,
         }
