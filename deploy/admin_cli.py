@@ -82,7 +82,8 @@ def call(url: str, method: str, path: str, token: str, body: dict[str, Any] | No
 
 
 def table(header: list[str], rows: list[list[Any]]) -> str:
-    cells = [header] + [["-" if c is None or c == "" else str(c) for c in r] for r in rows]
+    body = [["-" if c is None or c == "" else str(c) for c in r] for r in rows]
+    cells = ([header] if any(header) else []) + body
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells)
 
