@@ -1,12 +1,52 @@
-"""The continual learning loop (placeholder header; see below)."""
+"""The continual learning loop: rounds of on-policy training that start when enough new validated
+signal has arrived, with checkpoints that make a SIGKILL at any point lose nothing and train nothing
+twice.
+
+A round, in order:
+  1. wait until the signal log holds ``min_new_feedback`` judged interactions past the committed
+     offset (the round's window is ``[committed, end)``, fixed when the round starts);
+  2. rebuild environments and rewards from every trajectory up to ``end`` and keep the families with
+     a validated reward (:class:`learner.trainer.ValidatedObjective`); none -> the round is recorded
+     as skipped and the offsets still advance (the signal stays in later rebuilds);
+  3. start from the production adapter (or the base) and take ``steps_per_round`` GRPO steps on
+     prompts from the train pools, families drawn evenly; before each step the control state is
+     read (pause/resume within one step);
+  4. register the adapter (lineage: window, environment and reward versions, hyperparameters,
+     metrics), run the gate against production, and hand a gated adapter to ``ship`` (shadow +
+     canary, see canary.py);
+  5. commit: the round's ``end`` becomes the committed offset.
+
+Checkpoint promise (``Checkpointer``): after every ``checkpoint_every`` steps the adapter weights,
+the optimizer state, the round's window, its environment/reward versions and the step count are
+written to a new directory, fsynced, and made current by an atomic rename of the ``CURRENT``
+pointer. Every random draw of step ``k`` of round ``r`` is seeded by ``(seed, r, k)``, so a process
+killed after step ``k`` was checkpointed resumes at step ``k + 1`` with exactly the state an
+uninterrupted run had: steps after the last checkpoint are recomputed (they were never committed),
+none is applied twice, and the window is never re-consumed (tests/integration/test_learning_resume.py
+compares the final adapter of a killed-and-resumed run with an uninterrupted one, byte for byte).
+Registration is idempotent by checksum, so a kill between "registered" and "committed" does not make
+a second version.
+
+Logged traffic is used as environments (prompts re-sent to the current policy) and to fit and
+validate rewards, never as off-policy gradient: see learner/trainer.py.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
+import json
+import logging
+import os
 import random
-from typing import Any, Sequence
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol, Sequence
 
 from learner.types import FeedbackSignal, Trajectory
+
+log = logging.getLogger(__name__)
 
 
 def simulated_trajectories(task: Any, requests: Sequence[dict], texts: Sequence[str], rng: random.Random,
@@ -28,3 +68,260 @@ def simulated_trajectories(task: Any, requests: Sequence[dict], texts: Sequence[
             public_model="demo", adapter_version="", endpoint="chat.completions", messages=tuple(req["messages"]),
             request_kwargs={k: v for k, v in req.items() if k != "messages"}, response_text=text, feedback=tuple(fb)))
     return out
+
+
+# -- inputs -------------------------------------------------------------------------------------
+
+class SignalLog(Protocol):
+    """Judged trajectories in a total order with integer offsets (the production implementation
+    reads the warehouse's interactions joined with feedback in ingestion order)."""
+
+    def end(self) -> int: ...
+
+    def read(self, start: int, end: int) -> list[Trajectory]: ...
+
+
+@dataclass
+class ListSignalLog:
+    """An in-memory signal log (tests, demos)."""
+
+    items: list[Trajectory] = field(default_factory=list)
+
+    def end(self) -> int:
+        return len(self.items)
+
+    def read(self, start: int, end: int) -> list[Trajectory]:
+        return self.items[start:end]
+
+
+@dataclass
+class ControlState:
+    """What the admin asked: ``paused`` (learning_paused / learning_resumed), ``pinned`` families
+    (trained, never shipped). Applied from control events."""
+
+    paused: bool = False
+    pinned: set[str] = field(default_factory=set)
+
+    def apply(self, event) -> None:
+        if event.action == "learning_paused":
+            if event.payload.get("family"):
+                self.pinned.add(event.payload["family"])
+            else:
+                self.paused = True
+        elif event.action == "learning_resumed":
+            if event.payload.get("family"):
+                self.pinned.discard(event.payload["family"])
+            else:
+                self.paused = False
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """``min_new_feedback``: judged interactions past the committed offset that start a round."""
+
+    family: str = "demo"
+    min_new_feedback: int = 500
+    steps_per_round: int = 40
+    checkpoint_every: int = 5
+    poll_s: float = 1.0
+    seed: int = 0
+
+
+# -- checkpoints --------------------------------------------------------------------------------
+
+class Checkpointer:
+    """Directories ``ckpt-<n>`` under ``root`` and a ``CURRENT`` file naming the latest complete one.
+
+    Write order: files into ``.tmp-<n>``, fsync each, rename to ``ckpt-<n>``, then write
+    ``CURRENT.tmp``, fsync, rename over ``CURRENT``. A crash at any point leaves ``CURRENT`` naming a
+    complete checkpoint (or none); stale ``.tmp`` directories are removed on load.
+    """
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def load(self) -> tuple[dict, Path | None]:
+        for p in self.root.glob(".tmp-*"):
+            shutil.rmtree(p, ignore_errors=True)
+        cur = self.root / "CURRENT"
+        if not cur.exists():
+            return {}, None
+        d = self.root / cur.read_text().strip()
+        return json.loads((d / "state.json").read_text()), d
+
+    def save(self, state: dict, write_files: Callable[[Path], None]) -> Path:
+        n = int(state.get("seq", 0)) + 1
+        state = {**state, "seq": n}
+        tmp = self.root / f".tmp-{n}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        write_files(tmp)
+        (tmp / "state.json").write_text(json.dumps(state, sort_keys=True, default=str))
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        final = self.root / f"ckpt-{n}"
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(tmp, final)
+        ptr = self.root / "CURRENT.tmp"
+        ptr.write_text(final.name)
+        with open(ptr, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(ptr, self.root / "CURRENT")
+        for old in self.root.glob("ckpt-*"):  # keep the current and the one before it
+            if old.name not in (final.name, f"ckpt-{n - 1}"):
+                shutil.rmtree(old, ignore_errors=True)
+        return final
+
+
+# -- the loop -----------------------------------------------------------------------------------
+
+@dataclass
+class RoundResult:
+    round: int
+    window: tuple[int, int]
+    status: str
+    adapter: str = ""
+    gate: str = ""
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+class LearningLoop:
+    """Runs rounds forever (``run``) or one at a time (``run_round``). See the module docstring."""
+
+    def __init__(self, base_path: str | Path, log_: SignalLog, registry, checkpoint_dir: str | Path,
+                 trainer_settings=None, settings: LoopSettings | None = None,
+                 control: Callable[[], ControlState] = ControlState,
+                 gate: Callable[..., Any] | None = None, ship: Callable[[Any], None] | None = None,
+                 env_settings=None, reward_settings=None, on_step: Callable[[dict], None] | None = None):
+        from learner.trainer import TrainerSettings
+
+        self.base_path = str(base_path)
+        self.log = log_
+        self.registry = registry
+        self.ckpt = Checkpointer(checkpoint_dir)
+        self.ts = trainer_settings or TrainerSettings()
+        self.settings = settings or LoopSettings()
+        self.control = control
+        self.gate = gate
+        self.ship = ship
+        self.env_settings = env_settings
+        self.reward_settings = reward_settings
+        self.on_step = on_step
+        self.state, self.ckpt_dir = self.ckpt.load()
+        self.state.setdefault("committed", 0)
+        self.state.setdefault("round", 0)
+        self.metrics: list[dict] = []
+
+    def ready(self) -> bool:
+        return self.log.end() - self.state["committed"] >= self.settings.min_new_feedback or "window" in self.state
+
+    def run(self, max_rounds: int | None = None, stop: Callable[[], bool] = lambda: False) -> list[RoundResult]:
+        out = []
+        while not stop() and (max_rounds is None or len(out) < max_rounds):
+            if self.ready() and not self.control().paused:
+                out.append(self.run_round())
+            else:
+                time.sleep(self.settings.poll_s)
+        return out
+
+    def _objectives(self, end: int):
+        from learner.environments.build import build_environments
+        from learner.rewards.build import build_rewards
+        from learner.trainer import ValidatedObjective
+
+        trajs = self.log.read(0, end)
+        envs = build_environments(trajs, self.env_settings)
+        rewards = build_rewards(envs, trajs, self.reward_settings)
+        objs = {fid: ValidatedObjective(fr.combined, fr.reports) for fid, fr in rewards.items() if fr.trainable}
+        return envs, rewards, objs
+
+    def run_round(self) -> RoundResult:
+        import torch
+
+        from learner.trainer import GRPOTrainer, LoraPolicy
+
+        st = self.state
+        if "window" not in st:  # a new round: fix its window now
+            st = {**st, "round": st["round"] + 1, "window": [st["committed"], self.log.end()], "step": 0}
+        rnd, (start, end) = st["round"], st["window"]
+        envs, rewards, objs = self._objectives(end)
+        env_versions = sorted(e.version for e in envs.environments.values())
+        reward_versions = sorted(o.version for o in objs.values())
+        if st.get("env_versions") not in (None, env_versions):
+            raise RuntimeError(f"round {rnd}: environments rebuilt from the same window differ from the checkpoint "
+                               "(nondeterministic build); refusing to mix them")
+        if not objs:
+            self._commit(rnd, end)
+            return RoundResult(rnd, (start, end), "skipped: no family has a validated reward")
+        prod = self.registry.production(self.settings.family)
+        parent_dir = prod.path if prod else None
+        policy = LoraPolicy(self.base_path, self.ts, adapter_dir=parent_dir)
+        opt_state = None
+        if self.ckpt_dir is not None and st.get("step", 0) > 0 and (self.ckpt_dir / "optimizer.pt").exists():
+            policy.load_adapter_state(torch.load(self.ckpt_dir / "adapter.pt"))
+            opt_state = torch.load(self.ckpt_dir / "optimizer.pt")
+        trainer = GRPOTrainer(policy, objs, opt_state)
+        fams = sorted(objs)
+        st = {**st, "env_versions": env_versions, "reward_versions": reward_versions}
+        history: list[dict] = list(st.get("history", []))
+        step = st.get("step", 0)
+        while step < self.settings.steps_per_round:
+            while self.control().paused:  # obeyed before the next step
+                time.sleep(self.settings.poll_s)
+            rng = random.Random(f"{self.settings.seed}-{rnd}-{step}")
+            batch = []
+            for _ in range(self.ts.prompts_per_step):
+                pool = envs.environments[fams[rng.randrange(len(fams))]].train
+                batch.append(pool[rng.randrange(len(pool))])
+            m = trainer.step(batch, step_seed=rnd * 100_000 + step)
+            step += 1
+            rec = {"round": rnd, "step": step, "reward": m.reward_mean, "kl": m.kl, "loss": m.loss,
+                   "rollout_tok_s": m.rollout_tok_s, "skipped": m.skipped}
+            history.append(rec)
+            self.metrics.append(rec)
+            if self.on_step:
+                self.on_step(rec)
+            if step % self.settings.checkpoint_every == 0 or step == self.settings.steps_per_round:
+                st = {**st, "step": step, "history": history}
+                self._checkpoint(st, policy, trainer)
+        # register (idempotent by checksum), gate, ship, then commit the window
+        out_dir = self.ckpt.root / f"adapter-round-{rnd}"
+        shutil.rmtree(out_dir, ignore_errors=True)
+        policy.save_adapter(out_dir)
+        from learner.registry import Lineage
+
+        version = self.registry.register(self.settings.family, out_dir, Lineage(
+            parent=prod.name if prod else "", base_model=self.base_path,
+            data_window={"start": start, "end": end, "round": rnd}, env_versions=env_versions,
+            reward_versions=reward_versions, hyperparams=self.ts.to_dict(),
+            metrics={"reward_last": history[-1]["reward"] if history else None, "steps": step}))
+        result = RoundResult(rnd, (start, end), "trained", version.name, metrics={"steps": step})
+        if self.gate is not None and version.status == "candidate":
+            g = self.gate(policy, prod, envs, objs)
+            from learner.gate import record
+
+            version = record(self.registry, version.name, prod.name if prod else "", g)
+            result.gate = g.reason
+        if self.ship is not None and version.routable and self.settings.family not in self.control().pinned:
+            self.ship(version)
+        self._commit(rnd, end)
+        return result
+
+    def _checkpoint(self, st: dict, policy, trainer) -> None:
+        import torch
+
+        def files(d: Path) -> None:
+            torch.save(policy.adapter_state(), d / "adapter.pt")
+            torch.save(trainer.optimizer.state_dict(), d / "optimizer.pt")
+
+        self.ckpt_dir = self.ckpt.save(st, files)
+        self.state = json.loads((self.ckpt_dir / "state.json").read_text())
+
+    def _commit(self, rnd: int, end: int) -> None:
+        st = {"committed": end, "round": rnd, "seq": self.state.get("seq", 0),
+              "rounds_done": self.state.get("rounds_done", 0) + 1}
+        self.ckpt_dir = self.ckpt.save(st, lambda d: None)
+        self.state = json.loads((self.ckpt_dir / "state.json").read_text())
