@@ -88,7 +88,15 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-publish-"))
     adapters = [make_random_lora(model.path, work / f"src{s}", seed=s, rank=8, scale=0.5) for s in (1, 2)]
     settings = ServingSettings(log_dir=work / "logs")
-    report: list[str] = []
+
+    class _Report(list):
+        """Lines of the result; each is also printed as soon as it is measured (a run cut short still says something)."""
+
+        def append(self, line: str) -> None:
+            super().append(line)
+            print(f"[bench] {line}", file=sys.stderr, flush=True)
+
+    report: list[str] = _Report()
 
     # 4 (measured first, before vLLM exists, so it competes with nothing of ours): plain transformers
     # generate, one batch of `conc` identical prompts, best of two runs (the machine is shared).
