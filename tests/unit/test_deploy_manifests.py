@@ -239,10 +239,9 @@ def _component_settings(command: str) -> list[tuple[str, BaseModel]]:
     if command == "status-page":
         return [("ONPOLICY_WAREHOUSE_", WarehouseSettings())]
     if command == "learner":
-        from learner.serving import ServingSettings
-
-        return [("ONPOLICY_KAFKA_", KafkaSettings()), ("ONPOLICY_WAREHOUSE_", WarehouseSettings()),
-                ("ONPOLICY_VLLM_", ServingSettings())]
+        # learner/loop_cli.py reads the warehouse settings only (and ONPOLICY_HOME); when the publisher is
+        # wired in, its settings join this list.
+        return [("ONPOLICY_WAREHOUSE_", WarehouseSettings())]
     raise AssertionError(f"no settings known for `onpolicy {command}`")
 
 
@@ -335,40 +334,46 @@ def test_env_check_rejects_settings_the_code_does_not_have(extra, expected, monk
     assert len(problems) == 1 and expected in problems[0], problems
 
 
-def test_every_component_command_is_an_onpolicy_subcommand():
-    """The containers run `onpolicy <args>` (the Dockerfile's ENTRYPOINT); each must parse."""
+def test_every_container_command_parses_as_onpolicy_arguments(capsys):
+    """The containers run `onpolicy <args>` (the Dockerfile's ENTRYPOINT): each argument list must parse,
+    subcommand and flags, with the real CLI."""
     from deploy.cli import build_parser
 
     dockerfile = (DEPLOY / "Dockerfile").read_text()
     assert dockerfile.count('ENTRYPOINT ["onpolicy"]') == 2
-    parser = build_parser()
-    commands = {s["command"][0] for s in _compose_app_services().values()}
-    commands |= {_k8s(k, n)["spec"]["template"]["spec"]["containers"][0]["args"][0] for k, n in APP_WORKLOADS}
-    known = set(parser._subparsers._group_actions[0].choices)
-    missing = sorted(commands - known)
-    if missing == ["learner"]:
-        pytest.skip("`onpolicy learner` is not registered yet (learner/loop_cli.py); the manifests already run it")
-    assert not missing, f"manifests run unknown onpolicy subcommands: {missing}"
+    argvs = [s["command"] for s in _compose_app_services().values()]
+    argvs += [_k8s(k, n)["spec"]["template"]["spec"]["containers"][0]["args"] for k, n in APP_WORKLOADS]
+    for argv in argvs:
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit:
+            pytest.fail(f"`onpolicy {' '.join(argv)}` does not parse: {capsys.readouterr().err.strip()}")
+        assert getattr(args, "func", None) is not None, argv
+    with pytest.raises(SystemExit):  # the check itself can fail
+        build_parser().parse_args(["learner", "run", "--modle", "x"])
 
 
 # --- vLLM: the exact flags of learner/serving.py -----------------------------------------------------
 
-def _expected_vllm(learner_env: dict[str, str], monkeypatch, model: str) -> tuple[list[str], dict[str, str]]:
+def _expected_vllm(monkeypatch, model: str) -> tuple[list[str], dict[str, str]]:
+    """vLLM's arguments and environment as learner/serving.py builds them (ServingSettings defaults)."""
     from learner.serving import ServingSettings, server_args, server_env
 
     for name in [n for n in os.environ if n.startswith("ONPOLICY_")]:
         monkeypatch.delenv(name)
-    for k, v in learner_env.items():
-        monkeypatch.setenv(k, v)
     settings = ServingSettings()
     return (server_args(f"/models/{model}", model, settings, host="0.0.0.0", port=8000),
             server_env(settings, cpu=False))
 
 
+def _flag(args: list[str], flag: str) -> str:
+    return args[args.index(flag) + 1]
+
+
 def test_compose_vllm_runs_serving_flags(monkeypatch):
     services = _compose()["services"]
     vllm = services["vllm"]
-    args, env = _expected_vllm(services["learner"]["environment"], monkeypatch, "smollm2-135m-instruct")
+    args, env = _expected_vllm(monkeypatch, "smollm2-135m-instruct")
     assert vllm["entrypoint"] == ["vllm", "serve"]
     assert vllm["command"] == args
     assert {k: str(v) for k, v in vllm["environment"].items()} == env
@@ -377,11 +382,24 @@ def test_compose_vllm_runs_serving_flags(monkeypatch):
 
 def test_k8s_vllm_runs_serving_flags(monkeypatch):
     container = _k8s("StatefulSet", "vllm")["spec"]["template"]["spec"]["containers"][0]
-    _, learner_env = _k8s_container_env(_k8s("Deployment", "onpolicy-learner"))
-    args, env = _expected_vllm(learner_env, monkeypatch, "smollm2-135m-instruct")
+    args, env = _expected_vllm(monkeypatch, "smollm2-135m-instruct")
     assert container["command"] == ["vllm", "serve"]
     assert container["args"] == args
     assert {e["name"]: e["value"] for e in container["env"]} == env
+
+
+def test_learner_trains_what_vllm_serves_within_its_lora_limits():
+    """The learner's --model is vLLM's served model, and the trainer's LoRA rank fits --max-lora-rank
+    (vLLM answers 500 to a load above it; the publisher refuses it first)."""
+    from learner.trainer import TrainerSettings
+
+    services = _compose()["services"]
+    learner_args = _k8s("Deployment", "onpolicy-learner")["spec"]["template"]["spec"]["containers"][0]["args"]
+    vllm_args = _k8s("StatefulSet", "vllm")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert _flag(services["learner"]["command"], "--model") == _flag(services["vllm"]["command"], "--served-model-name")
+    assert _flag(learner_args, "--model") == _flag(vllm_args, "--served-model-name")
+    for vllm in (services["vllm"]["command"], vllm_args):
+        assert TrainerSettings().lora_r <= int(_flag(vllm, "--max-lora-rank"))
 
 
 def test_vllm_reaches_adapters_at_the_learners_path_read_only():
