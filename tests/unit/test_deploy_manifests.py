@@ -7,8 +7,10 @@
 - every ONPOLICY_* variable a container sets is a real setting of the component it runs: the test builds
   that component's settings classes from exactly the container's environment and checks that each value
   lands in the field its name points at (a misspelt name, or one the component ignores, fails);
-- vLLM runs with learner/serving.py's ``server_args`` / ``server_env`` (GPU), and the learner's
-  ONPOLICY_VLLM_* agree with those flags;
+- every container's argument list parses with the real ``onpolicy`` CLI;
+- vLLM runs with learner/serving.py's ``server_args`` / ``server_env`` (GPU), serves the model the learner
+  trains, and accepts the trainer's LoRA rank;
+- the docs name only metrics the code exports;
 - the cross-file promises the comments make: spool on a per-replica volume larger than the spool budget,
   grace periods that cover the proxy's drain, the adapter volume at one path everywhere, GPUs where they
   belong, placeholder-only secrets, images that are the Dockerfile's targets.
@@ -47,8 +49,10 @@ COMPOSE_ENV = {"CLICKHOUSE_PASSWORD": "test-password"}
 # Environment variables that are not pydantic settings but are read by the code, with how to read back
 # the value the code would use.
 NON_SETTING_ENV = {"ONPOLICY_HOME": lambda: str(__import__("streams.settings").settings.default_home())}
-# The capture worker's close timeout in proxy/app.py (``worker.close(timeout_s=15.0)``).
-CAPTURE_WORKER_CLOSE_S = 15
+# How long the proxy waits for its capture worker at shutdown, read from proxy/app.py
+# (``worker.close(timeout_s=...)``) so a change there reaches the grace-period check.
+CAPTURE_WORKER_CLOSE_S = float(re.search(r"worker\.close\(timeout_s=([0-9.]+)\)",
+                                         (ROOT / "proxy" / "app.py").read_text()).group(1))
 # Spool directories per proxy, each bounded by the producer's disk budget: the capture spool and the
 # feedback/admin APIs' "<spool>-api" (proxy/apis.py).
 SPOOLS_PER_PROXY = 2
