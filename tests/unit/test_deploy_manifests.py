@@ -327,7 +327,7 @@ def test_k8s_env_vars_are_real_settings(kind, name, monkeypatch):
 
 
 @pytest.mark.parametrize("extra,expected", [
-    # The proxy's producer settings are nested: this one is silently ignored by `onpolicy proxy`.
+    # Loses to the nested ONPOLICY_PROXY_PRODUCER__SPOOL_DIR the manifest also sets.
     ({"ONPOLICY_PRODUCER_SPOOL_DIR": "/var/lib/onpolicy/elsewhere"}, "is ignored"),
     ({"ONPOLICY_PROXY_UPSTREAM_URI": "http://vllm:8000/v1"}, "not a field"),
     ({"ONPOLICY_LEARNER_TYPO": "1"}, "no settings with this prefix"),
@@ -336,6 +336,17 @@ def test_env_check_rejects_settings_the_code_does_not_have(extra, expected, monk
     command, env = _k8s_container_env(_k8s("StatefulSet", "onpolicy-proxy"))
     problems = _check_env(command, {**env, **extra}, monkeypatch)
     assert len(problems) == 1 and expected in problems[0], problems
+
+
+def test_env_check_catches_the_flat_producer_spool_dir_on_the_proxy(monkeypatch):
+    """The trap the manifests avoid: on its own, ONPOLICY_PRODUCER_SPOOL_DIR does not move the proxy's spool
+    (ProxySettings builds its producer with a spool path of its own; the flat variable applies only when
+    some ONPOLICY_PROXY_PRODUCER__* variable is also set). The spool would land off the volume."""
+    command, env = _k8s_container_env(_k8s("StatefulSet", "onpolicy-proxy"))
+    flat = {k: v for k, v in env.items() if not k.startswith("ONPOLICY_PROXY_PRODUCER__")}
+    flat["ONPOLICY_PRODUCER_SPOOL_DIR"] = env["ONPOLICY_PROXY_PRODUCER__SPOOL_DIR"]
+    problems = _check_env(command, flat, monkeypatch)
+    assert len(problems) == 1 and problems[0].startswith("ONPOLICY_PRODUCER_SPOOL_DIR=") and "is ignored" in problems[0], problems
 
 
 def test_every_container_command_parses_as_onpolicy_arguments(capsys):
