@@ -204,7 +204,9 @@ class VllmServer:
         if self._proc is not None:
             return self
         cmd = self.command()
-        env = {**os.environ, **server_env(self.settings), **(self.extra_env or {})}
+        env = {**os.environ, **server_env(self.settings), **(self.extra_env or {}),
+               # the launcher stops the server if this process dies without calling stop()
+               "ONPOLICY_VLLM_PARENT_PID": str(os.getpid())}
         # The main venv's own site-packages must not leak into vLLM's interpreter.
         env.pop("PYTHONPATH", None)
         env.pop("VIRTUAL_ENV", None)

