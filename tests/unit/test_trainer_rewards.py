@@ -84,3 +84,23 @@ def test_retired_rewards_stop_training_through_the_registry(arithmetic_rewards, 
                            0.0, later)
     with pytest.raises(UnvalidatedReward, match="no validated reward carries weight"):
         ValidatedObjective.from_registry(warehouse, fam.family_id)
+
+
+def test_answers_only_a_learned_model_scores_are_not_applicable(arithmetic_rewards):
+    """The validated reward model likes "11" for every sum (measured; see ValidatedObjective.score):
+    the trainer lets a learned model rank an answer only where a grounded reward also applies."""
+    envs, _, fam = arithmetic_rewards
+    env = envs.environments[fam.family_id]
+    objective = ValidatedObjective(fam.combined, fam.reports)
+    loose = ValidatedObjective(fam.combined, fam.reports, grounded_only=False)
+    unknown = []
+    for p in env.train:
+        a, b = (int(x) for x in p.messages[-1]["content"].split("?")[0].split("is ")[1].split(" + "))
+        if a + b != 11:
+            unknown.append(p)
+    grounded = objective.score(unknown, ["11"] * len(unknown))
+    learned_only = [x for x, y in zip(loose.score(unknown, ["11"] * len(unknown)), grounded) if y is None]
+    assert learned_only, "expected prompts where only the learned model scores '11'"
+    assert sum(learned_only) / len(learned_only) > 0.5  # the hack the learned model would pay for
+    # where a grounded reward does apply, "11" for a sum that is not 11 scores low
+    assert all(x < 0.5 for x in grounded if x is not None)
