@@ -218,6 +218,7 @@ def test_sigkill_of_the_proxy_loses_no_event_it_handed_over(standin, kafka, tmp_
     proc = subprocess.Popen([sys.executable, "-m", "deploy.cli", "--log-level", "WARNING", "proxy", "--port", str(port),
                              "--upstream-url", standin, "--no-follow-control"], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    worker = None
     try:
         deadline = time.monotonic() + 20
         while True:
@@ -242,6 +243,8 @@ def test_sigkill_of_the_proxy_loses_no_event_it_handed_over(standin, kafka, tmp_
     finally:
         if proc.poll() is None:
             proc.kill()
+        if worker is not None:
+            os.kill(worker, signal.SIGCONT)  # never leave a stopped worker behind, whatever failed
     consumer = KafkaConsumer(bootstrap_servers=kafka.servers, group_id=None, enable_auto_commit=False,
                              auto_offset_reset="earliest")
     tps = [TopicPartition(INTERACTIONS.name, p) for p in range(INTERACTIONS.partitions)]
