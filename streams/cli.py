@@ -52,7 +52,7 @@ def run_sink(args) -> int:
     sink = Sink(kafka, warehouse, settings, stop=stop)
     if settings.metrics_port:
         REGISTRY.register(SinkCollector(sink))
-        start_http_server(settings.metrics_port, addr="127.0.0.1")
+        start_http_server(settings.metrics_port, addr=settings.metrics_host)
     server = None
     if settings.warehouse_port:
         from streams.warehouse_server import WarehouseServer

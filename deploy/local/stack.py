@@ -178,7 +178,7 @@ class Stack:
         admin_token(ProxySettings(admin_token_file=secrets_dir / "admin_token"), create=True)
         proxy_env.update(ONPOLICY_PROXY_API_KEYS_FILE=str(keys_file),
                          ONPOLICY_PROXY_ADMIN_TOKEN_FILE=str(secrets_dir / "admin_token"))
-        proxy_env.update(ONPOLICY_PRODUCER_SPOOL_DIR=str(self.home / "spool" / "proxy"))
+        proxy_env.update(ONPOLICY_PROXY_PRODUCER__SPOOL_DIR=str(self.home / "spool" / "proxy"))
         proxy = ManagedProcess(
             "proxy", [sys.executable, "-m", "deploy.cli", "proxy", "--port", str(self.ports["proxy"]),
                       "--upstream-url", self.vllm.base_url],
