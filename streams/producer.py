@@ -36,6 +36,16 @@ from streams.topics import BY_EVENT_TYPE
 log = logging.getLogger(__name__)
 
 
+def _unsendable(exc: BaseException) -> bool:
+    """Errors that no resend can fix."""
+    from kafka import errors
+
+    permanent = tuple(getattr(errors, name) for name in (
+        "MessageSizeTooLargeError", "RecordListTooLargeError", "InvalidTopicError", "TopicAuthorizationFailedError",
+        "CorruptRecordError", "InvalidRecordError") if hasattr(errors, name))
+    return isinstance(exc, permanent)
+
+
 def event_key(event: InteractionEvent | FeedbackEvent | ControlEvent) -> bytes:
     key = getattr(event, "episode_id", None) or getattr(event, "interaction_id", None) or event.event_id
     return key.encode()
@@ -58,6 +68,7 @@ class EventProducer:
         self.overflowed = 0
         self.dropped = 0
         self.send_failures = 0
+        self.rejected = 0
         self._overflow: collections.deque[tuple[str, bytes, bytes]] = collections.deque()
         self._overflow_bytes = 0
         self._overflow_lock = threading.Lock()
@@ -129,7 +140,17 @@ class EventProducer:
             entry[1] = True
             self.sent += 1
 
-        def on_err(exc, gen=0):
+        def on_err(exc, gen=0, entry=None):
+            if entry is not None and _unsendable(exc):
+                # A record the broker will never take (too large, invalid topic): resending it
+                # would block every later event forever. Keep a copy for an operator, count it,
+                # and let the watermark move past it.
+                self.rejected += 1
+                log.error("Kafka refused a record for good (%s: %s); kept in %s", type(exc).__name__, exc,
+                          self.spool.dir / "rejected")
+                self._keep_rejected(entry)
+                entry[1] = True
+                return
             self.send_failures += 1
             if state["failed_gen"] < gen:
                 state["failed_gen"] = gen
@@ -174,15 +195,21 @@ class EventProducer:
             if room > 0:
                 records = self.spool.read(cursor, max_records=min(room, 2000))
                 for rec in records:
-                    entry = [rec.end, False]
+                    entry = [rec.end, False, rec]
                     try:
                         fut = producer.send(rec.topic, key=rec.key, value=rec.payload)
                     except Exception as exc:
+                        if _unsendable(exc):  # refused before it was even queued (e.g. too large)
+                            on_err(exc, gen, entry)
+                            inflight.append(entry)
+                            cursor = rec.end
+                            progressed = True
+                            continue
                         on_err(exc, gen)
                         break
                     inflight.append(entry)
                     fut.add_callback(on_ok, entry=entry, gen=gen)
-                    fut.add_errback(on_err, gen=gen)
+                    fut.add_errback(on_err, gen=gen, entry=entry)
                     if rec.end <= self._replay_horizon:
                         self.replayed += 1
                     cursor = rec.end
@@ -227,6 +254,15 @@ class EventProducer:
                 pass
         self._drained.set()
 
+    def _keep_rejected(self, entry: list[Any]) -> None:
+        try:
+            rec = entry[2]
+            out = self.spool.dir / "rejected"
+            out.mkdir(exist_ok=True)
+            (out / f"{rec.end.segment:012d}-{rec.end.offset:012d}.json").write_bytes(rec.payload)
+        except Exception:  # keeping the copy is best effort; the count is what alerts
+            log.exception("could not keep a rejected record")
+
     def _backlog_empty(self, cursor: Position) -> bool:
         return not self._overflow and cursor >= self.spool.end
 
@@ -259,6 +295,7 @@ class EventProducer:
         return {
             "accepted": self.accepted, "sent": self.sent, "spooled": self.spooled, "replayed": self.replayed,
             "overflowed": self.overflowed, "dropped": self.dropped, "send_failures": self.send_failures,
+            "rejected": self.rejected,
             "spool_bytes": self.spool.bytes_on_disk, "backlog_bytes": self.backlog_bytes,
             "corrupt_records": self.spool.corrupt_records,
         }
@@ -273,7 +310,8 @@ class ProducerCollector(Collector):
 
     def collect(self):
         st = self.producer.stats()
-        for name in ("accepted", "sent", "spooled", "replayed", "overflowed", "dropped", "send_failures", "corrupt_records"):
+        for name in ("accepted", "sent", "spooled", "replayed", "overflowed", "dropped", "send_failures", "rejected",
+                     "corrupt_records"):
             c = CounterMetricFamily(f"{self.prefix}_events_{name}", f"Events {name.replace('_', ' ')} by the producer.")
             c.add_metric([], st[name])
             yield c

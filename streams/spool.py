@@ -166,11 +166,19 @@ class Spool:
             self.sync()
 
     def sync(self) -> None:
-        """fsync the active segment if anything was written since the last sync."""
+        """fsync the active segment if anything was written since the last sync.
+
+        The fsync itself runs outside the lock (on a duplicate of the descriptor, so a concurrent
+        rotation cannot close it under us): ``append`` must never wait for the disk."""
         with self._lock:
-            if self._dirty and not self._closed:
-                os.fsync(self._fd)
-                self._dirty = False
+            if not self._dirty or self._closed:
+                return
+            fd = os.dup(self._fd)
+            self._dirty = False
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     # -- reading ---------------------------------------------------------------------------
     @property

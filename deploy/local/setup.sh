@@ -20,7 +20,7 @@ if [ ! -f "$VENV/.complete" ]; then
   "$PY" -m venv "$VENV"
   "$VENV/bin/pip" install -q --upgrade "pip==25.3" >&2
   "$VENV/bin/pip" install -q "torch==2.13.0" >&2
-  "$VENV/bin/pip" install -q -e "$REPO[learner,dev]" >&2
+  "$VENV/bin/pip" install -q -e "$REPO[learner,dev,hosted]" >&2
   "$VENV/bin/pip" check >&2
   touch "$VENV/.complete"
 else

@@ -261,3 +261,21 @@ def test_bad_settings_are_one_clear_line(env, message):
     assert "Traceback" not in out.stderr
     assert message in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_a_record_the_broker_refuses_for_good_does_not_block_the_rest(kafka, tmp_path):
+    """Too large for Kafka: kept aside and counted; the events after it are still delivered."""
+    producer = EventProducer(kafka, ProducerSettings(spool_dir=tmp_path / "spool"))
+    try:
+        tag = f"m-{uuid.uuid4().hex[:8]}"
+        huge = InteractionEvent(interaction_id=f"{tag}-huge", endpoint="/v1/chat/completions", public_model=tag,
+                                request={"messages": [{"role": "user", "content": "z" * 3_000_000}]})
+        assert producer.emit(huge)
+        for i in range(20):
+            assert producer.emit(make_event(tag, i))
+        assert producer.flush(60), producer.stats()
+        stats = producer.stats()
+        assert stats["rejected"] == 1 and stats["sent"] == 20
+        assert len(list((tmp_path / "spool" / "rejected").iterdir())) == 1
+    finally:
+        producer.close()
