@@ -62,13 +62,13 @@ def test_true_success_rises_20_points(warehouse, tmp_path, tiny_model):
     before = _success(base, ev)
 
     nocarry = tuple({"messages": [{"role": "user", "content": f"What is {a} + {b}? Reply with the number only."}]}
-                    for a in range(5) for b in range(5))
+                    for a in range(10) for b in range(10) if a + b < 10)
     suite = [ForgettingTask("sums_without_carry", nocarry, tasks[0].score)]
     reg = AdapterRegistry(warehouse, tmp_path / "adapters")
     curve = []
     loop = LearningLoop(tiny_model.path, log, reg, tmp_path / "ckpt", settings,
                         LoopSettings(min_new_feedback=1000, steps_per_round=STEPS, checkpoint_every=40),
-                        gate=make_loop_gate(tiny_model.path, settings, suite, GateSettings(max_forgetting_points=10)),
+                        gate=make_loop_gate(tiny_model.path, settings, suite, GateSettings()),
                         on_step=lambda rec: curve.append((round(time.monotonic() - t0), rec["step"], rec["reward"])))
     result = loop.run_round()
     trained = LoraPolicy(tiny_model.path, settings, adapter_dir=reg.get(result.adapter).path)
@@ -76,6 +76,7 @@ def test_true_success_rises_20_points(warehouse, tmp_path, tiny_model):
     elapsed = time.monotonic() - t0
     print(f"\ntrue success on held-out prompts (sampled, %): before {before}, after {after}; {elapsed:.0f} s")
     print(f"gate: {result.gate}")
+    print(f"gate evidence: {reg.evaluations(result.adapter)[-1]['evidence']}")
     print("training reward (s, step, reward):", curve[::20])
     assert after["mean"] - before["mean"] >= 20, (before, after)
     assert reg.get(result.adapter).status == "gated", result.gate
