@@ -93,11 +93,15 @@ class Resolution:
 class RoutingTable:
     """An immutable snapshot: ``resolve`` is a dict look-up (plus a hash for canaries)."""
 
-    __slots__ = ("routes", "offset")
+    __slots__ = ("routes", "offset", "pinned")
 
-    def __init__(self, routes: dict[str, Route] | None = None, offset: int = -1):
+    def __init__(self, routes: dict[str, Route] | None = None, offset: int = -1,
+                 pinned: frozenset[str] = frozenset()):
         self.routes = dict(routes or {})
         self.offset = offset  # control-topic offset this table reflects; -1 = no table yet
+        # Public models an operator pinned (payload.admin.pinned): only another admin action moves
+        # them; the learner's canary and promotions leave their routes alone until unpinned.
+        self.pinned = pinned
 
     def resolve(self, public_model: str, sticky_key: str | None = None) -> Resolution:
         route = self.routes.get(public_model)
@@ -118,20 +122,40 @@ class RoutingTable:
         version = payload.get("routing_version", ROUTING_PAYLOAD_VERSION)
         if version != ROUTING_PAYLOAD_VERSION:
             raise RoutingPayloadError(f"routing_version {version!r} is not understood (this proxy knows 1); upgrade the proxy")
+        admin = payload.get("admin")
+        pinned = set(self.pinned)
+        if isinstance(admin, dict) and public_model:
+            if admin.get("pinned"):
+                pinned.add(public_model)
+            else:
+                pinned.discard(public_model)
+        elif not isinstance(admin, dict):
+            admin = None
         if "routes" in payload:
             routes = payload["routes"]
             if not isinstance(routes, dict):
                 raise RoutingPayloadError("'routes' must be an object of public model -> route")
-            return RoutingTable({name: Route.from_payload(name, r) for name, r in routes.items()}, offset)
+            new = {name: Route.from_payload(name, r) for name, r in routes.items()}
+            if admin is None:  # not an operator: pinned models keep the route they have
+                for name in self.pinned:
+                    if name in self.routes:
+                        new[name] = self.routes[name]
+                    else:
+                        new.pop(name, None)
+            return RoutingTable(new, offset, frozenset(pinned))
         if "route" in payload:
             if not public_model:
                 raise RoutingPayloadError("a single-route change needs the event's public_model")
+            if admin is None and public_model in self.pinned:
+                log.warning("routing change for pinned %r at control offset %d ignored (unpin it first)",
+                            public_model, offset)
+                return RoutingTable(self.routes, offset, self.pinned)
             new = dict(self.routes)
             if payload["route"] is None:
                 new.pop(public_model, None)
             else:
                 new[public_model] = Route.from_payload(public_model, payload["route"])
-            return RoutingTable(new, offset)
+            return RoutingTable(new, offset, frozenset(pinned))
         raise RoutingPayloadError("routing_changed payload needs 'routes' (whole table) or 'route' (one model)")
 
     def to_payload(self) -> dict[str, Any]:
