@@ -12,7 +12,10 @@ mkdir -p "$ONPOLICY_HOME/venvs"
 
 say() { echo "[setup] $*" >&2; }
 
-key="$(cat "$REPO/pyproject.toml" "$REPO/deploy/local/setup.sh" | sha256sum | cut -c1-16)"
+# The venv is keyed by what goes into it: pyproject.toml, the Python, and this recipe's version
+# (bump RECIPE when the install steps below change).
+RECIPE="main-venv-2: torch==2.13.0 first, then -e .[learner,dev,hosted]"
+key="$( (cat "$REPO/pyproject.toml"; "$PY" -V; echo "$RECIPE") | sha256sum | cut -c1-16)"
 VENV="$ONPOLICY_HOME/venvs/main-$key"
 if [ ! -f "$VENV/.complete" ]; then
   say "creating the main venv at $VENV (torch from the local CPU wheel first, so no CUDA build is pulled)"
@@ -50,4 +53,6 @@ fi
 if [ -x "$REPO/deploy/local/setup_vllm.sh" ]; then
   "$REPO/deploy/local/setup_vllm.sh" >&2
 fi
+# The offline models (cached under $ONPOLICY_HOME/models by their inputs; a no-op when built).
+"$VENV/bin/onpolicy" models build >&2
 echo "$VENV"
