@@ -10,6 +10,7 @@ what it can (the rest stays in its spool for the next start).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import Any
@@ -112,10 +113,19 @@ def create_app(settings: ProxySettings, *, producer: Any | None = None, router: 
             await asyncio.to_thread(_import_litellm)
         yield
 
+    async def upstream_probe_ctx(app: web.Application):
+        # /readyz reflects whether the upstream answers: probed off the request path every few
+        # seconds, so readiness checks cost nothing and a dead vLLM takes the replica out of rotation.
+        task = asyncio.create_task(_probe_upstream(state))
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
     async def on_shutdown(app: web.Application):
         state.draining = True
 
-    app.cleanup_ctx.extend([capture_ctx, control_ctx, upstream_ctx, hosted_ctx])
+    app.cleanup_ctx.extend([capture_ctx, control_ctx, upstream_ctx, hosted_ctx, upstream_probe_ctx])
     app.on_shutdown.append(on_shutdown)
     state.started_at = time.monotonic()
     return app
@@ -130,6 +140,27 @@ async def healthz(request: web.Request) -> web.Response:
 CONTROL_REPLAY_WAIT_S = 15.0
 
 
+UPSTREAM_PROBE_INTERVAL_S = 2.0
+
+
+async def _probe_upstream(state: ProxyState) -> None:
+    from multidict import CIMultiDict
+
+    while True:
+        try:
+            resp = await state.upstream.request("GET", "/models", None, state.upstream.headers(CIMultiDict()),
+                                                stream=False)
+            async with resp:
+                await resp.read()
+                ok = resp.status < 500
+                detail = f"HTTP {resp.status}"
+        except Exception as exc:  # ProxyError for unreachable / timeout; anything else is also "down"
+            ok, detail = False, str(getattr(exc, "message", exc))[:300]
+        state.extra["upstream_ok"] = ok
+        state.extra["upstream_detail"] = detail
+        await asyncio.sleep(UPSTREAM_PROBE_INTERVAL_S)
+
+
 async def readyz(request: web.Request) -> web.Response:
     st = request.app[STATE]
     checks: dict[str, Any] = {"draining": st.draining}
@@ -140,6 +171,12 @@ async def readyz(request: web.Request) -> web.Response:
         if not caught_up and time.monotonic() - st.started_at < CONTROL_REPLAY_WAIT_S:
             ready = False
     checks["routing_offset"] = st.router.table.offset
+    if "upstream_ok" in st.extra:
+        checks["upstream"] = "ok" if st.extra["upstream_ok"] else st.extra.get("upstream_detail", "down")
+        ready = ready and bool(st.extra["upstream_ok"])
+    else:
+        checks["upstream"] = "not probed yet"
+        ready = False
     if st.producer is not None:
         checks["capture_connected"] = bool(getattr(st.producer, "connected", False))
     return web.json_response({"status": "ready" if ready else "not ready", **checks}, status=200 if ready else 503)

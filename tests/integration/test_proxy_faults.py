@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 from openai import OpenAI
@@ -261,3 +262,34 @@ def test_sigkill_of_the_proxy_loses_no_event_it_handed_over(standin, kafka, tmp_
     consumer.close()
     assert set(found) == iids, f"{len(iids) - len(found)} events lost"
     assert all(len(v) == 1 for v in found.values())
+
+
+def test_readyz_follows_the_upstream(standin, collector):
+    """Ready while the upstream answers; 503 naming the problem while it does not; ready again after."""
+    port = free_port()
+    upstream = f"http://127.0.0.1:{port}/v1"
+    running = _proxy(upstream, collector)
+    try:
+        http = httpx.Client(base_url=running.root_url, timeout=5)
+
+        def ready() -> httpx.Response:
+            return http.get("/readyz")
+
+        deadline = time.monotonic() + 15
+        while "not probed" in ready().text and time.monotonic() < deadline:
+            time.sleep(0.2)
+        down = ready()
+        assert down.status_code == 503 and "cannot connect" in down.json()["upstream"]
+        proc = subprocess.Popen([sys.executable, str(REPO / "bench" / "standin_upstream.py"), "--port", str(port)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 20
+            while ready().status_code != 200:
+                assert time.monotonic() < deadline, ready().text
+                time.sleep(0.2)
+            assert ready().json()["upstream"] == "ok"
+        finally:
+            proc.terminate()
+            proc.wait(5)
+    finally:
+        running.stop()
