@@ -84,4 +84,5 @@ class SinkSettings(BaseSettings):
     batch_max_wait_s: float = Field(default=0.5, gt=0, description="...or once the oldest buffered record is this old.")
     metrics_port: int | None = Field(default=None, description="Serve Prometheus /metrics on this port.")
     metrics_host: str = Field(default="127.0.0.1", description="Interface for /metrics (0.0.0.0 in a container, so Prometheus can scrape it).")
+    implicit_interval_s: float = Field(default=30.0, ge=0, description="Mine implicit feedback (regenerate, edit, abandonment) from the warehouse this often; 0 = off.")
     warehouse_port: int | None = Field(default=None, description="Serve the embedded warehouse to other local processes on this loopback port (streams.warehouse_server).")
