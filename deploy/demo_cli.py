@@ -23,6 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--base-url", default=None,
                    help="drive an already running proxy (…/v1) instead of starting the stack")
     p.add_argument("--api-key", default=None, help="feedback API key (default: the local stack's demo key)")
+    p.add_argument("--min-new-feedback", type=int, default=300, help="judged interactions that start a learning round")
     p.set_defaults(func=run_demo)
 
     p = sub.add_parser("eval", help="true success rate of what the proxy serves for a model, on held-out prompts")
@@ -61,7 +62,7 @@ def run_demo(args) -> int:
         else:
             from deploy.local.stack import Stack
 
-            stack = Stack()
+            stack = Stack(min_new_feedback=args.min_new_feedback)
             where = stack.up(model=args.model, serve=True)
             width = max(len(k) for k in where)
             print("\nonpolicy demo is up:")

@@ -14,6 +14,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--duration", type=float, default=None, help="stop by itself after this many seconds")
     p.add_argument("--model", default=None, help="model to serve (default: the tiny demo model; or smollm2-135m-instruct)")
     p.add_argument("--no-serve", action="store_true", help="only the data plane: broker, sink, warehouse")
+    p.add_argument("--no-learn", action="store_true", help="serve and capture, but do not run the learner")
     p.set_defaults(func=run_up)
 
 
@@ -23,7 +24,7 @@ def run_up(args) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    stack = Stack()
+    stack = Stack(learn=not args.no_learn)
     try:
         where = stack.up(model=args.model, serve=not args.no_serve)
         width = max(len(k) for k in where)

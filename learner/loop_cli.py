@@ -20,6 +20,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--steps", type=int, default=40, help="GRPO steps per round")
     run.add_argument("--threads", type=int, default=1, help="torch threads (1 was fastest under load on 2 cores)")
     run.add_argument("--rounds", type=int, default=None, help="stop after this many rounds (default: forever)")
+    run.add_argument("--publish-to", action="append", default=None, metavar="VLLM_BASE_URL",
+                     help="vLLM replica(s) (…/v1) to publish gated adapters to; repeat for several")
+    run.add_argument("--public-model", default=None,
+                     help="with --publish-to: route this public model name to each published adapter")
     run.set_defaults(func=_run)
     status = sub.add_parser("status", help="adapter versions with lineage and status, and the loop's checkpoint")
     _common(status)
@@ -36,12 +40,43 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _warehouse():
-    from streams.settings import WarehouseSettings
-    from streams.warehouse import Warehouse
+    # chdb:// opens the data path here; onpolicy+http:// goes through the process that owns it (the
+    # local stack's sink), http(s):// is a ClickHouse server. Same interface either way.
+    from streams.warehouse_server import open_warehouse
 
-    wh = Warehouse(WarehouseSettings())
+    wh = open_warehouse()
     wh.migrate()
     return wh
+
+
+def _shipper(args, base_served_name: str):
+    """Publish a gated adapter to every vLLM replica, then route the public model to it.
+
+    The sequential canary (learner/canary.py) is not yet fed from live feedback here: a version that
+    passed the gate is routed directly, and an operator can roll it back (onpolicy admin rollback).
+    """
+    from learner.publisher import Publisher
+    from learner.serving import onpolicy_home
+    from streams.events import ControlEvent
+    from streams.producer import EventProducer
+    from streams.settings import KafkaSettings, ProducerSettings
+
+    producer = EventProducer(KafkaSettings(), ProducerSettings(spool_dir=onpolicy_home() / "spool" / "learner"))
+    routed: list[str] = []
+    publisher = Publisher(args.publish_to, args.dir / "published", producer, routed=lambda: list(routed))
+    public = args.public_model or base_served_name
+
+    def ship(version) -> None:
+        publisher.publish(version.name, version.path, expected_sha256=version.sha256, public_model=public)
+        producer.emit(ControlEvent(
+            action="routing_changed", actor="learner", reason=f"passed the gate: {version.reason}"[:500],
+            public_model=public, adapter_version=version.name,
+            payload={"routing_version": 1, "route": {"base": base_served_name, "adapter": version.name}}))
+        routed[:] = [version.name]
+        producer.flush(30)
+        print(json.dumps({"published": version.name, "routed": public}), flush=True)
+
+    return ship
 
 
 def _run(args) -> int:
@@ -52,13 +87,15 @@ def _run(args) -> int:
     from learner.trainer import TrainerSettings
 
     wh = _warehouse()
-    base = ensure_model(args.model).path
+    built = ensure_model(args.model)
+    base = built.path
+    ship = _shipper(args, built.served_name) if args.publish_to else None
     ts = TrainerSettings(threads=args.threads)
     loop = LearningLoop(base, WarehouseSignalLog(wh), AdapterRegistry(wh, args.dir / "adapters"), args.dir / "ckpt", ts,
                         LoopSettings(family=args.family, min_new_feedback=args.min_new_feedback,
                                      steps_per_round=args.steps),
                         gate=make_loop_gate(base, ts, demo_forgetting_suite() if args.model == "onpolicy-tiny" else []),
-                        on_step=lambda rec: print(json.dumps(rec), flush=True))
+                        ship=ship, on_step=lambda rec: print(json.dumps(rec), flush=True))
     for r in loop.run(max_rounds=args.rounds):
         print(json.dumps({"round": r.round, "window": r.window, "status": r.status, "adapter": r.adapter,
                           "gate": r.gate}), flush=True)

@@ -78,13 +78,21 @@ class WarehouseServer:
                     body = orjson.loads(self.rfile.read(int(self.headers.get("content-length", 0))))
                     wh = outer.warehouse
                     if self.path == "/query":
-                        result = wh.client.query(body["sql"].replace("{db}", wh.db), parameters=body.get("parameters"))
+                        with wh._lock:
+                            result = wh.client.query(body["sql"].replace("{db}", wh.db),
+                                                     parameters=_params_in(body.get("parameters")))
                         return self._reply(200, {"columns": list(result.column_names),
+                                                 "types": [t.name for t in result.column_types],
                                                  "rows": [list(r) for r in result.result_rows]})
                     if self.path == "/command":
                         return self._reply(200, {"result": wh.command(body["sql"])})
                     if self.path == "/insert":
-                        wh.insert(body["table"], body["rows"], body["columns"])
+                        types = dict(wh.query(
+                            "SELECT name, type FROM system.columns WHERE database = %(d)s AND table = %(t)s",
+                            {"d": wh.db, "t": body["table"]}))
+                        convert = [_from_json_for(types.get(c, "")) for c in body["columns"]]
+                        rows = [[f(v) for f, v in zip(convert, row)] for row in body["rows"]]
+                        wh.insert(body["table"], rows, body["columns"])
                         return self._reply(200, {"inserted": len(body["rows"])})
                     return self._reply(404, {"error": f"no route {self.path}"})
                 except Exception as exc:  # the caller gets the database's message, not a traceback
@@ -109,6 +117,37 @@ class WarehouseServer:
     def stop(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+_DT_TAG = "__datetime__:"
+
+
+def _params_in(params: dict | None) -> dict | None:
+    """Query parameters arrive as JSON: datetimes were sent tagged, turn them back."""
+    if not params:
+        return params
+    return {k: dt.datetime.fromisoformat(v[len(_DT_TAG):]) if isinstance(v, str) and v.startswith(_DT_TAG) else v
+            for k, v in params.items()}
+
+
+def _from_json_for(ch_type: str):
+    """A converter from the JSON form of a value back to what clickhouse-connect inserts for ``ch_type``."""
+    inner = ch_type.replace("Nullable(", "").replace("LowCardinality(", "")
+    if inner.startswith("DateTime"):
+        return lambda v: dt.datetime.fromisoformat(v) if isinstance(v, str) else v
+    if inner.startswith("Date"):
+        return lambda v: dt.date.fromisoformat(v) if isinstance(v, str) else v
+    return lambda v: v
+
+
+def _to_python_for(ch_type: str):
+    """Query results come back as JSON: datetimes (naive UTC, as chdb returns them) from ISO strings."""
+    inner = ch_type.replace("Nullable(", "").replace("LowCardinality(", "")
+    if inner.startswith("DateTime"):
+        return lambda v: dt.datetime.fromisoformat(v).replace(tzinfo=None) if isinstance(v, str) else v
+    if inner.startswith("Date"):
+        return lambda v: dt.date.fromisoformat(v) if isinstance(v, str) else v
+    return None
 
 
 class RemoteWarehouseError(RuntimeError):
@@ -142,11 +181,23 @@ class RemoteWarehouse:
                 message = str(exc)
             raise RemoteWarehouseError(message) from None
 
+    def _query(self, sql: str, parameters: dict[str, Any] | None) -> dict:
+        if parameters:
+            parameters = {k: _DT_TAG + v.isoformat() if isinstance(v, dt.datetime) else v
+                          for k, v in parameters.items()}
+        out = self._post("/query", {"sql": sql.replace("{db}", self.db), "parameters": parameters})
+        converters = [(i, f) for i, f in enumerate(_to_python_for(t) for t in out.get("types", [])) if f is not None]
+        if converters:
+            for row in out["rows"]:
+                for i, f in converters:
+                    row[i] = f(row[i])
+        return out
+
     def query(self, sql: str, parameters: dict[str, Any] | None = None) -> list[tuple]:
-        return [tuple(r) for r in self._post("/query", {"sql": sql.replace("{db}", self.db), "parameters": parameters})["rows"]]
+        return [tuple(r) for r in self._query(sql, parameters)["rows"]]
 
     def query_dicts(self, sql: str, parameters: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-        out = self._post("/query", {"sql": sql.replace("{db}", self.db), "parameters": parameters})
+        out = self._query(sql, parameters)
         return [dict(zip(out["columns"], row)) for row in out["rows"]]
 
     def command(self, sql: str) -> Any:

@@ -86,6 +86,8 @@ class Stack:
     broker: EmbeddedBroker | None = None
     ports: dict[str, int] = field(default_factory=dict)
     vllm: object | None = None
+    learn: bool = True
+    min_new_feedback: int = 300
 
     def _load_ports(self) -> None:
         state = self.home / "stack.json"
@@ -191,6 +193,16 @@ class Stack:
             ready=http_ok(f"http://127.0.0.1:{self.ports['status']}/status.json"))
         status.start()
         self.processes.append(status)
+        if self.learn:
+            # The learner: trains on validated signal, gates, publishes to vLLM and routes the
+            # public model to each version that passed the gate. Its log is JSON lines per step.
+            learner = ManagedProcess(
+                "learner", [sys.executable, "-m", "deploy.cli", "learner", "run", "--model", model,
+                            "--min-new-feedback", str(self.min_new_feedback), "--publish-to", self.vllm.base_url,
+                            "--public-model", built.served_name],
+                self.client_env(), self.home / "logs" / "learner.log")
+            learner.start()
+            self.processes.append(learner)
         done("proxy")
         return {
             "OpenAI base_url": f"http://127.0.0.1:{self.ports['proxy']}/v1",

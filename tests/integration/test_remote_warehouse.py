@@ -23,7 +23,9 @@ def test_same_interface_as_the_local_warehouse(remote, warehouse):
     assert remote.counts()["interactions"]["final"] == 20
     rows = remote.query_dicts("SELECT interaction_id, ts FROM {db}.interactions FINAL WHERE interaction_id = %(i)s",
                               {"i": "i3"})
-    assert rows[0]["interaction_id"] == "i3" and isinstance(rows[0]["ts"], str)
+    local = warehouse.query_dicts("SELECT interaction_id, ts FROM {db}.interactions FINAL WHERE interaction_id = %(i)s",
+                                  {"i": "i3"})
+    assert rows == local  # datetimes come back as datetimes, as from the local warehouse
     assert remote.applied() == warehouse.applied()
 
 
@@ -36,3 +38,13 @@ def test_a_wrong_token_is_refused(remote):
     remote.token = "wrong"
     with pytest.raises(RemoteWarehouseError, match="wrong warehouse token"):
         remote.query("SELECT 1")
+
+
+def test_datetime_parameters_and_inserts_round_trip(remote, warehouse):
+    import datetime as dt
+
+    t = dt.datetime(2026, 11, 26, 10, 0, 0, 250000)
+    remote.insert("schema_migrations", [[9999, "probe", t]], ["version", "name", "applied_at"])
+    got = remote.query("SELECT applied_at FROM {db}.schema_migrations WHERE applied_at = {t:DateTime64(3)}",
+                       {"t": t})
+    assert got == [(t,)]
