@@ -165,7 +165,9 @@ def test_rollback_during_200_streams_on_two_replicas(replicas, vllm_server, kafk
     late = [r for r in results if r["started"] > applied[r["replica"]]]
     wrong = [r for r in late if r["version"] != good]
     before = [r for r in results if r["started"] < emitted]
-    assert len(late) >= 50 and len(before) >= 50
+    # Enough requests on each side of the switch for the checks below to mean something; where the
+    # switch falls among the 200 depends on how fast this (shared, noisy) machine serves them.
+    assert len(late) >= 20 and len(before) >= 20, (len(before), len(late))
     assert wrong == [], f"{len(wrong)} requests started after the switch were served by {set(r['version'] for r in wrong)}"
     assert {r["version"] for r in before} == {bad}
     print(f"\nrollback under {N_REQUESTS} streams on 2 replicas: 0 failed; switch after "
