@@ -85,7 +85,10 @@ class WarehouseServer:
                                                  "types": [t.name for t in result.column_types],
                                                  "rows": [list(r) for r in result.result_rows]})
                     if self.path == "/command":
-                        return self._reply(200, {"result": wh.command(body["sql"])})
+                        result = wh.command(body["sql"])
+                        if not isinstance(result, (str, int, float, bool, type(None), list)):
+                            result = None  # DDL answers with a summary object; there is nothing to return
+                        return self._reply(200, {"result": result})
                     if self.path == "/insert":
                         types = dict(wh.query(
                             "SELECT name, type FROM system.columns WHERE database = %(d)s AND table = %(t)s",

@@ -27,6 +27,8 @@ def test_same_interface_as_the_local_warehouse(remote, warehouse):
                                   {"i": "i3"})
     assert rows == local  # datetimes come back as datetimes, as from the local warehouse
     assert remote.applied() == warehouse.applied()
+    assert remote.migrate() == []  # DDL through the owner (what the learner does at start)
+    remote.command("CREATE TABLE IF NOT EXISTS {db}.probe (x UInt8) ENGINE = Memory")
 
 
 def test_errors_carry_the_database_message(remote):
