@@ -33,7 +33,6 @@ import asyncio
 import hashlib
 import hmac
 import logging
-import os
 import secrets
 import time
 from typing import Any
@@ -48,6 +47,7 @@ from proxy.routing import Route
 from proxy.settings import ProxySettings
 from proxy.state import STATE, ProxyState
 from streams.events import ControlEvent
+from streams.secret_files import ensure_secret_file
 
 log = logging.getLogger(__name__)
 
@@ -66,18 +66,9 @@ def admin_token(settings: ProxySettings, *, create: bool = False) -> str | None:
             raise ValueError("admin_token must be at least 16 characters; use e.g. `openssl rand -hex 32`")
         return token
     path = settings.admin_token_file
-    if not path.exists():
-        if not create:
-            return None
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            pass  # another replica created it first: read theirs
-        else:
-            with os.fdopen(fd, "w") as fh:
-                fh.write(secrets.token_urlsafe(32))
-    return path.read_text().strip()
+    if not path.exists() and not create:
+        return None
+    return ensure_secret_file(path, lambda: secrets.token_urlsafe(32))
 
 
 class AdminService:

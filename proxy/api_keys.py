@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping
 
+from streams.secret_files import ensure_secret_file
+
 HASH_PREFIX = "sha256:"
 
 
@@ -54,16 +56,8 @@ def new_key() -> str:
 def ensure_key_file(path: Path, *, tenant: str = "", name: str = "demo", pepper: bytes | None = None) -> dict[str, str]:
     """Make a key in ``path`` once (mode 0600; kept if it exists) and return its config entry, which holds
     only the hash -- for a local stack that hands the key to its own clients (the demo's users)."""
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            pass  # made by a concurrent start: use theirs
-        else:
-            with os.fdopen(fd, "w") as fh:
-                fh.write(new_key())
-    return {"name": name, "tenant": tenant, "sha256": hash_key(path.read_text().strip(), pepper)}
+    key = ensure_secret_file(path, new_key)
+    return {"name": name, "tenant": tenant, "sha256": hash_key(key, pepper)}
 
 
 class ApiKeyError(ValueError):

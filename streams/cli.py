@@ -53,14 +53,14 @@ def run_sink(args) -> int:
     if settings.metrics_port:
         REGISTRY.register(SinkCollector(sink))
         start_http_server(settings.metrics_port, addr=settings.metrics_host)
-    miner = implicit_producer = None
+    implicit_producer = None
     if settings.implicit_interval_s > 0:
         from streams.implicit_runner import ImplicitMiner
         from streams.producer import EventProducer
         from streams.settings import ProducerSettings, default_home
 
         implicit_producer = EventProducer(kafka, ProducerSettings(spool_dir=default_home() / "spool" / f"implicit-{settings.group_id}"))
-        miner = ImplicitMiner(warehouse, implicit_producer, interval_s=settings.implicit_interval_s, stop=stop).start()
+        ImplicitMiner(warehouse, implicit_producer, interval_s=settings.implicit_interval_s, stop=stop).start()
     server = None
     if settings.warehouse_port:
         from streams.warehouse_server import WarehouseServer

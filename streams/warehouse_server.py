@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hmac
-import json
 import logging
-import os
 import secrets
 import threading
 import urllib.error
@@ -39,15 +37,9 @@ def token_path() -> Path:
 
 
 def ensure_token() -> str:
-    path = token_path()
-    if path.exists():
-        return path.read_text().strip()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    token = secrets.token_urlsafe(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(token)
-    return token
+    from streams.secret_files import ensure_secret_file
+
+    return ensure_secret_file(token_path(), lambda: secrets.token_urlsafe(32))
 
 
 def _default(value: Any) -> Any:
