@@ -313,7 +313,7 @@ class ProducerCollector(Collector):
         for name in ("accepted", "sent", "spooled", "replayed", "overflowed", "dropped", "send_failures", "rejected",
                      "corrupt_records"):
             c = CounterMetricFamily(f"{self.prefix}_events_{name}", f"Events {name.replace('_', ' ')} by the producer.")
-            c.add_metric([], st[name])
+            c.add_metric([], st.get(name, 0))
             yield c
         for name in ("spool_bytes", "backlog_bytes"):
             g = GaugeMetricFamily(f"{self.prefix}_{name}", f"Producer {name.replace('_', ' ')}.")
