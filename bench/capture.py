@@ -116,8 +116,10 @@ def main() -> None:
         raw_topic = Topic("bench.raw", partitions=4)
         admin.create_topics([NewTopic(raw_topic.name, raw_topic.partitions, 1)])
         admin.close()
-        raw = KafkaProducer(bootstrap_servers=kafka.servers, acks="all", enable_idempotence=False, linger_ms=5,
-                            batch_size=65536, compression_type=None if args.compression == "none" else args.compression)
+        defaults = ProducerSettings()  # the same batching as onpolicy's producer: a like-for-like baseline
+        raw = KafkaProducer(bootstrap_servers=kafka.servers, acks="all", enable_idempotence=False,
+                            linger_ms=defaults.linger_ms, batch_size=defaults.batch_size,
+                            compression_type=None if args.compression == "none" else args.compression)
         # -- raw pipeline: produce here, consume + insert in another process -----------------------
         progress = work / "raw.progress"
         consumer = subprocess.Popen([sys.executable, __file__, "--raw-consumer", broker.bootstrap_servers, raw_topic.name,
