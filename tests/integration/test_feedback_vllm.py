@@ -118,10 +118,20 @@ def test_feedback_on_sdk_interactions_lands_joined_in_clickhouse(proxies, landin
         return {r[0] for r in rows} >= want
 
     wait_until(landed, 60, "feedback rows in ClickHouse")
-    rows = landing.query_dicts(
-        "SELECT f.event_id AS id, f.kind AS kind, f.value AS value, i.episode_id AS episode, i.public_model AS model, "
-        "i.stream AS stream FROM {db}.feedback AS f FINAL INNER JOIN {db}.interactions AS i FINAL "
-        "ON f.interaction_id = i.interaction_id WHERE f.tenant = 'acme'")
+
+    def joined() -> list[dict]:
+        return landing.query_dicts(
+            "SELECT f.event_id AS id, f.kind AS kind, f.value AS value, i.episode_id AS episode, i.public_model AS model, "
+            "i.stream AS stream FROM {db}.feedback AS f FINAL INNER JOIN {db}.interactions AS i FINAL "
+            "ON f.interaction_id = i.interaction_id WHERE f.tenant = 'acme'")
+
+    # Interactions (the capture worker's producer) and feedback (the API's producer) travel separately:
+    # the feedback may land first. Wait for the interactions too; the assertion below still checks all.
+    try:
+        wait_until(lambda: {r["id"] for r in joined()} >= want - {ep_id}, 60, "the interactions to land")
+    except AssertionError:
+        pass
+    rows = joined()
     by_id = {r["id"]: r for r in rows}
     assert set(by_id) == want - {ep_id}, "every interaction-level judgement joins its interaction"
     assert all(r["episode"] == episode and r["model"] == vllm_server.model for r in rows)
