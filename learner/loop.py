@@ -338,15 +338,27 @@ class WarehouseSignalLog:
         self.wh = warehouse
         self.query = query
         self._cache: list[Trajectory] = []
+        self._fingerprint: tuple | None = None
+
+    def _data_fingerprint(self) -> tuple:
+        # Two one-row aggregates: the loop polls end() every second while it waits, and rebuilding
+        # every trajectory (a join of both tables) is only worth it when something landed.
+        return tuple(self.wh.query(
+            "SELECT (SELECT count(), max(landed_at) FROM {db}.interactions), "
+            "(SELECT count(), max(landed_at) FROM {db}.feedback)")[0])
 
     def _load(self) -> list[Trajectory]:
         from learner.trajectories import load_trajectories
 
+        fingerprint = self._data_fingerprint()
         trajs = [t for t in load_trajectories(self.wh, self.query).trajectories if t.label() is not None]
         self._cache = sorted(trajs, key=lambda t: (t.ts, t.event_id))
+        self._fingerprint = fingerprint
         return self._cache
 
     def end(self) -> int:
+        if self._fingerprint is not None and self._data_fingerprint() == self._fingerprint:
+            return len(self._cache)
         return len(self._load())
 
     def read(self, start: int, end: int) -> list[Trajectory]:
