@@ -48,8 +48,13 @@ def create_app(settings: ProxySettings, *, producer: Any | None = None, router: 
         producer=producer,
     )
     redactor = load_redactor(settings.redactor)  # fail at start, not on the first request
+    # Connection limits for whichever runner serves the app; the head deadline and JSON parse errors
+    # need ProxyRunner (proxy/http_server.py), which `onpolicy proxy` and proxy.testing use.
     app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[openai_errors],
-                          handler_args={"max_field_size": 16384})
+                          handler_args={"max_field_size": settings.max_header_field_bytes,
+                                        "max_line_size": settings.max_request_line_bytes,
+                                        "max_headers": settings.max_headers,
+                                        "keepalive_timeout": settings.keepalive_timeout_s})
     app[STATE] = state
     for path in ENDPOINTS:
         app.router.add_post("/v1" + path, openai_post)
@@ -91,7 +96,18 @@ def create_app(settings: ProxySettings, *, producer: Any | None = None, router: 
                     metrics.registry.register(ProducerCollector(owned))
                 state.capture = Capture(state.producer, redactor, settings.capture_max_event_bytes)
         metrics.registry.register(CaptureCollector(state.capture, state.router))
+        tally = None
+        if state.capture is not None and settings.reconcile_tally_interval_s > 0:
+            # Per-minute counts for reconciliation, reported through the API producer (its own spool).
+            from proxy.apis import API_PRODUCER
+            from streams.reconcile import Tally
+
+            tally = Tally(app[API_PRODUCER].emit, interval_s=settings.reconcile_tally_interval_s).start()
+            state.tally = state.capture.tally = tally
         yield
+        if tally is not None:
+            state.capture.tally = None
+            await asyncio.to_thread(tally.close)
         if worker is not None:
             await worker.close(timeout_s=15.0)
         if owned is not None:

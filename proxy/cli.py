@@ -43,17 +43,51 @@ def run(args: argparse.Namespace) -> int:
 
 
 def serve(settings) -> None:
-    """Run until SIGTERM/SIGINT; then drain in-flight requests for up to shutdown_grace_s."""
+    """Run until SIGTERM/SIGINT; then drain in-flight requests for up to shutdown_grace_s.
+
+    Like ``aiohttp.web.run_app``, but through ``ProxyRunner`` (proxy/http_server.py): malformed HTTP
+    gets an OpenAI-style JSON error, and slow request heads are cut after request_header_timeout_s."""
+    import asyncio
+    import contextlib
+
     import uvloop
     from aiohttp import web
 
     from proxy.app import create_app
 
     app = create_app(settings)
-    log.info("onpolicy proxy on http://%s:%d -> %s (capture %s)", settings.host, settings.port, settings.upstream_url,
-             "on" if settings.capture else "off")
+    loop = uvloop.new_event_loop()
+    asyncio.set_event_loop(loop)
+    main = loop.create_task(_serve(app, settings))
+    try:
+        loop.run_until_complete(main)
+    except (web.GracefulExit, KeyboardInterrupt):  # SIGTERM / SIGINT (handle_signals)
+        pass
+    finally:
+        main.cancel()  # its finally: stop accepting, drain, run the cleanups
+        with contextlib.suppress(asyncio.CancelledError, web.GracefulExit, KeyboardInterrupt):
+            loop.run_until_complete(main)
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+
+
+async def _serve(app, settings) -> None:
+    import asyncio
+
+    from aiohttp import web
+
+    from proxy.http_server import ProxyRunner
+
     # handler_cancellation: a client that hangs up cancels its handler at once, which drops the
     # upstream connection, so vLLM stops generating for nobody (non-streaming requests included).
-    web.run_app(app, host=settings.host, port=settings.port, access_log=None, print=None,
-                shutdown_timeout=settings.shutdown_grace_s, loop=uvloop.new_event_loop(), handle_signals=True,
-                handler_cancellation=True)
+    runner = ProxyRunner(app, access_log=None, shutdown_timeout=settings.shutdown_grace_s, handle_signals=True,
+                         handler_cancellation=True)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, settings.host, settings.port).start()
+        log.info("onpolicy proxy on http://%s:%d -> %s (capture %s)", settings.host, settings.port, settings.upstream_url,
+                 "on" if settings.capture else "off")
+        while True:
+            await asyncio.sleep(3600)
+    finally:
+        await runner.cleanup()

@@ -1,7 +1,20 @@
-"""Middleware: every error the proxy answers is OpenAI-style JSON; nothing leaks a traceback."""
+"""Middleware: every error the proxy answers is OpenAI-style JSON; nothing leaks a traceback.
+
+Before a handler runs, the request is checked where a hostile client could hurt the proxy or reach
+further than its own request:
+
+- every header value must be valid UTF-8 (aiohttp hands invalid bytes on as surrogates, which would
+  break hashing an API key or forwarding the header upstream): else 400 ``invalid_header``;
+- the id headers the proxy reads -- ``ID_HEADERS`` -- must also be at most ``MAX_ID_HEADER_CHARS``
+  characters with no control characters (they become event fields, routing keys and idempotency
+  keys): else 400 ``invalid_header``. Errors name the header, never echo its value;
+- the body is read here, within ``request_body_timeout_s`` (a trickled body gets 408 and the
+  connection is closed) and ``max_body_bytes`` (413); handlers then read it from memory.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from aiohttp import web
@@ -13,6 +26,66 @@ _ROUTES = frozenset({"/chat/completions", "/completions", "/embeddings", "/respo
 
 log = logging.getLogger(__name__)
 
+ID_HEADERS = ("x-onpolicy-episode-id", "x-onpolicy-interaction-id", "x-onpolicy-user", "x-onpolicy-tenant",
+              "idempotency-key")
+MAX_ID_HEADER_CHARS = 256
+
+
+def _valid_utf8(value: str) -> bool:
+    if value.isascii():
+        return True
+    try:
+        value.encode()
+    except UnicodeEncodeError:  # aiohttp decodes header bytes with surrogateescape
+        return False
+    return True
+
+
+def check_headers(request: web.Request) -> None:
+    """Raise 400 ``invalid_header`` for a header the proxy must not read or forward (see the module doc)."""
+    headers = request.headers
+    for name, value in headers.items():
+        if not _valid_utf8(value):
+            raise ProxyError(400, f"the {name[:64]!r} header is not valid UTF-8; send header values as UTF-8 (ASCII for "
+                                  "ids and keys)", param=name[:64], code="invalid_header")
+    for name in ID_HEADERS:
+        value = headers.get(name)
+        if value is None:
+            continue
+        if len(value) > MAX_ID_HEADER_CHARS:
+            raise ProxyError(400, f"the {name} header is {len(value)} characters; at most {MAX_ID_HEADER_CHARS}",
+                             param=name, code="invalid_header")
+        if not value.isprintable():
+            raise ProxyError(400, f"the {name} header holds a control character; ids are printable text",
+                             param=name, code="invalid_header")
+
+
+async def read_body(request: web.Request) -> None:
+    """Read the whole body now (aiohttp keeps it for the handler's ``read()``), within the body deadline."""
+    if not request.body_exists or not request.can_read_body:
+        return
+    timeout_s = request.app[STATE].settings.request_body_timeout_s
+    try:
+        async with asyncio.timeout(timeout_s or None):
+            await request.read()
+    except TimeoutError:
+        raise ProxyError(408, f"the request body did not arrive within {timeout_s:g}s (request_body_timeout_s); send it "
+                              "at once, or raise request_body_timeout_s for slow links", code="request_timeout") from None
+
+
+async def _refuse_and_close(request: web.Request, err: ProxyError) -> web.StreamResponse:
+    """Answer, then close the connection now: the rest of a body that is still trickling in is not
+    waited for (aiohttp would otherwise keep reading it for its lingering time)."""
+    resp = error_response(err)
+    resp.force_close()
+    try:
+        await resp.prepare(request)
+        await resp.write_eof()
+    except (ConnectionError, RuntimeError):
+        pass
+    request.protocol.force_close()
+    return resp
+
 
 def _count(request: web.Request, status: int) -> None:
     """Requests the proxy refused before they became interactions: counted, not captured."""
@@ -23,6 +96,12 @@ def _count(request: web.Request, status: int) -> None:
 @web.middleware
 async def openai_errors(request: web.Request, handler):
     try:
+        check_headers(request)
+        try:
+            await read_body(request)
+        except ProxyError as err:
+            _count(request, err.status)
+            return await _refuse_and_close(request, err)
         return await handler(request)
     except ProxyError as err:
         _count(request, err.status)

@@ -118,6 +118,18 @@ class ProxySettings(BaseSettings):
     max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1024,
                                 description="Largest request body accepted; larger gets 413. aiohttp's default (1 MiB) is too small for long prompts.")
 
+    # -- hostile clients (proxy/http_server.py, proxy/middleware.py; docs/proxy.md "Limits and timeouts") --
+    request_header_timeout_s: float = Field(
+        default=10.0, ge=0, description="Time a client has to send a request's whole head (request line and headers), from "
+        "the connection's start or the next request's first byte; past it: 408 and the connection is closed (slowloris). 0: no limit.")
+    request_body_timeout_s: float = Field(
+        default=60.0, ge=0, description="Time a client has to send a request's whole body once its head arrived; past it: 408 "
+        "and the connection is closed (a trickled body). 0: no limit.")
+    keepalive_timeout_s: float = Field(default=75.0, gt=0, description="An idle kept-alive client connection is closed after this long.")
+    max_header_field_bytes: int = Field(default=16384, ge=1024, description="Longest request header line; longer gets 431.")
+    max_request_line_bytes: int = Field(default=8190, ge=1024, description="Longest request line (method, URL, version); longer gets 414.")
+    max_headers: int = Field(default=128, ge=16, description="Most headers in one request; more gets 431.")
+
     capture: bool = Field(default=True, description="Emit one InteractionEvent per request to Kafka (through the spool).")
     capture_mode: Literal["process", "inline"] = Field(
         default="process", description="'process': events are built and sent by a capture worker process fed through a pipe "
@@ -127,6 +139,9 @@ class ProxySettings(BaseSettings):
     capture_worker_cpus: str | None = Field(default=None, description="Process mode: pin the capture worker to these CPUs (taskset list, e.g. '1'), away from the relay.")
     capture_max_event_bytes: int = Field(default=900_000, ge=10_000,
                                          description="Keep each event under this size (Kafka's default message limit is 1 MB): longer strings are cut, with a note.")
+    reconcile_tally_interval_s: float = Field(
+        default=5.0, ge=0, description="Report this replica's per-minute counts (requests handed to capture, feedback accepted) "
+        "this often as tally events, for the sink's reconciliation (streams/reconcile.py); 0 = off.")
     redactor: str = Field(default="proxy.redaction:default_redactor",
                           description="'module:factory' returning a Redactor; applied before an event leaves the proxy. 'none' disables redaction.")
     follow_control: bool = Field(default=True, description="Build the routing table from the control topic; off: names always pass through.")

@@ -10,6 +10,7 @@ from typing import Any
 from aiohttp import web
 
 from proxy.app import create_app
+from proxy.http_server import ProxyRunner
 from proxy.settings import ProxySettings
 from proxy.state import STATE, ProxyState
 
@@ -75,7 +76,7 @@ class RunningProxy:
 
     async def _start(self) -> None:
         self.app = create_app(self.settings, **self.create_kwargs)
-        self._runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=self.settings.shutdown_grace_s,
+        self._runner = ProxyRunner(self.app, access_log=None, shutdown_timeout=self.settings.shutdown_grace_s,
                                      handler_cancellation=True)  # as `onpolicy proxy` runs it
         await self._runner.setup()
         await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
