@@ -64,7 +64,12 @@ async def read_body(request: web.Request) -> None:
     """Read the whole body now (aiohttp keeps it for the handler's ``read()``), within the body deadline."""
     if not request.body_exists or not request.can_read_body:
         return
-    timeout_s = request.app[STATE].settings.request_body_timeout_s
+    settings = request.app[STATE].settings
+    if request.content_length is not None and request.content_length > settings.max_body_bytes:
+        # Refused on the declared length: neither read nor waited for.
+        raise ProxyError(413, f"the request body is larger than this proxy accepts ({settings.max_body_bytes} bytes, "
+                              "max_body_bytes); send a smaller body or raise max_body_bytes", code="request_too_large")
+    timeout_s = settings.request_body_timeout_s
     try:
         async with asyncio.timeout(timeout_s or None):
             await request.read()
