@@ -3,7 +3,8 @@
 ``/status`` is the page, ``/status.json`` its data. It reads the warehouse through whatever
 ``ONPOLICY_WAREHOUSE_URL`` says (the local stack: through the sink that owns it). Shows:
 requests per minute and live feedback (thumbs-up rate, outcome rate) per adapter version, with
-promotions, rollbacks and other control events marked; the current routing; recent control
+promotions, rollbacks and other control events marked; the learner's adapter versions with their
+status and reason (gate failed, canary, production, ...); the current routing; recent control
 decisions with their reasons; event counts; and -- in the demo only, labelled as such -- the true
 success of what was served, which the simulated users know and write to ``$ONPOLICY_HOME/demo/``.
 """
@@ -54,6 +55,12 @@ def collect(warehouse, home: Path | None = None, minutes: int = 180) -> dict[str
         "SELECT ts, action, actor, reason, public_model, adapter_version, payload FROM {db}.control FINAL "
         "ORDER BY ts DESC LIMIT 40")
     counts = warehouse.counts()
+    try:  # the learner's registry (migration 0004); absent on a warehouse no learner has migrated
+        versions = warehouse.query_dicts(
+            "SELECT name, status, parent, reason, updated_at FROM {db}.adapter_versions FINAL ORDER BY family, version")
+    except Exception as exc:
+        log.debug("no adapter registry: %s", exc)
+        versions = []
     data: dict[str, Any] = {
         "generated_at": dt.datetime.now(dt.timezone.utc).isoformat(),
         "requests_per_minute": {},
@@ -63,6 +70,7 @@ def collect(warehouse, home: Path | None = None, minutes: int = 180) -> dict[str
         "counts": counts,
         "routing": None,
         "true_success_demo": {},
+        "versions": [{**v, "updated_at": str(v["updated_at"])} for v in versions],
     }
     for t, v, n in requests:
         data["requests_per_minute"].setdefault(v, []).append((_ts(t), n))
@@ -173,6 +181,10 @@ def render(data: dict[str, Any]) -> str:
     rows = "".join(
         f"<tr><td>{esc(c['ts'][:19])}</td><td>{esc(c['action'])}</td><td>{esc(c['adapter_version'] or '')}</td>"
         f"<td>{esc(c['actor'])}</td><td>{esc(c['reason'] or '')}</td></tr>" for c in marks[:20])
+    versions = "".join(
+        f"<tr><td>{esc(v['name'])}</td><td>{esc(v['status'])}</td><td>{esc(v['parent'] or '(base)')}</td>"
+        f"<td>{esc(v['updated_at'][:19])}</td><td>{esc(v['reason'] or '')}</td></tr>" for v in reversed(data.get("versions", [])))
+    versions = versions or '<tr><td colspan="5" class="empty">no adapter trained yet</td></tr>'
     counts = data["counts"]
     count_text = ", ".join(f"{t}: {c['final']:,}" for t, c in counts.items())
     routing = esc(json.dumps(data["routing"], indent=1)) if data["routing"] is not None else "names pass through (no routing table yet)"
@@ -181,6 +193,7 @@ def render(data: dict[str, Any]) -> str:
 <title>onpolicy status</title><style>{CSS}</style></head><body>
 <h1>onpolicy status</h1><p class="empty">generated {esc(data['generated_at'][:19])} UTC · events landed: {esc(count_text)}</p>
 <div class="grid">{''.join(charts)}</div>{demo}
+<h2>Adapter versions (learner)</h2><div class="scroll"><table><tr><th>version</th><th>status</th><th>parent</th><th>updated</th><th>reason</th></tr>{versions}</table></div>
 <h2>Routing</h2><pre class="scroll">{routing}</pre>
 <h2>Decisions (control events)</h2><div class="scroll"><table><tr><th>time</th><th>action</th><th>version</th><th>actor</th><th>reason</th></tr>{rows}</table></div>
 </body></html>"""
