@@ -135,6 +135,7 @@ class CanaryController:
         self.clock = clock
         self.arms = {"candidate": Arm(), "production": Arm()}
         self.started_at: float | None = None
+        self.started_at_unix: float | None = None
         self.decided: CanaryDecision | None = None
         self._served_by: dict[str, str] = {}
 
@@ -159,10 +160,27 @@ class CanaryController:
             action="routing_changed", actor="canary", public_model=self.public_model, adapter_version=self.candidate,
             reason=f"canary: {s.fraction:.0%} of traffic to {self.candidate}",
             payload={**self._route(self.production, self.candidate, s.fraction), "canary_settings": asdict(s)}))
+        self.started_at = self.clock()
+        self.started_at_unix = time.time()
         if self.registry is not None:
             self.registry.record_evaluation(self.candidate, "canary", self.production or "", True, "continue",
-                                            {"settings": asdict(s)}, "canary started", status="canary")
-        self.started_at = self.clock()
+                                            {"settings": asdict(s), "started_at_unix": self.started_at_unix,
+                                             "public_model": self.public_model, "base": self.base},
+                                            "canary started", status="canary")
+
+    def resume(self, started_at_unix: float) -> None:
+        """Continue a canary that ``start`` began (in an earlier process) at wall time ``started_at_unix``:
+        no event is emitted (the route is already split); the time budget counts from the original
+        start. The caller re-feeds every observation since then (they are in the warehouse)."""
+        self.started_at_unix = float(started_at_unix)
+        self.started_at = self.clock() - max(0.0, time.time() - self.started_at_unix)
+
+    def check_budget(self) -> CanaryDecision | None:
+        """Decide on the time budget even when no observation arrives (quiet traffic)."""
+        if self.decided is None and self.started_at is not None and \
+                self.clock() - self.started_at >= self.settings.max_seconds:
+            return self.step()
+        return None
 
     # -- observations ------------------------------------------------------------------------
     def served(self, interaction_id: str, adapter_version: str | None) -> None:

@@ -7,13 +7,17 @@ A round, in order:
      offset (the round's window is ``[committed, end)``, fixed when the round starts);
   2. rebuild environments and rewards from every trajectory up to ``end`` and keep the families with
      a validated reward (:class:`learner.trainer.ValidatedObjective`); none -> the round is recorded
-     as skipped and the offsets still advance (the signal stays in later rebuilds);
+     as skipped and the offsets still advance (the signal stays in later rebuilds). At a round's
+     first step the *stored* active rewards (``RewardRegistry.revalidate``) are re-checked on the
+     window's fresh feedback too, so the persisted reward table retires a reward that stopped
+     agreeing with users;
   3. start from the production adapter (or the base) and take ``steps_per_round`` GRPO steps on
      prompts from the train pools, families drawn evenly; before each step the control state is
      read (pause/resume within one step);
   4. register the adapter (lineage: window, environment and reward versions, hyperparameters,
-     metrics), run the gate against production, and hand a gated adapter to ``ship`` (shadow +
-     canary, see canary.py);
+     metrics), run the gate against production, and hand a gated adapter to ``ship(version,
+     context)`` -- publish, shadow, canary (learner/release.py); the loop waits for the canary's
+     decision (release.py says why) so the next round starts from the decided production adapter;
   5. commit: the round's ``end`` becomes the committed offset.
 
 Checkpoint promise (``Checkpointer``): after every ``checkpoint_every`` steps the adapter weights,
@@ -186,6 +190,7 @@ class RoundResult:
     adapter: str = ""
     gate: str = ""
     metrics: dict[str, Any] = field(default_factory=dict)
+    release: str | None = None  # what ship() made of the adapter: production, rolled_back, shadow_failed, ...
 
 
 class LearningLoop:
@@ -214,6 +219,7 @@ class LearningLoop:
         self.state.setdefault("committed", 0)
         self.state.setdefault("round", 0)
         self.metrics: list[dict] = []
+        self._round_trajectories: list[Trajectory] = []
 
     def ready(self) -> bool:
         return self.log.end() - self.state["committed"] >= self.settings.min_new_feedback or "window" in self.state
@@ -236,7 +242,25 @@ class LearningLoop:
         envs = build_environments(trajs, self.env_settings)
         rewards = build_rewards(envs, trajs, self.reward_settings)
         objs = {fid: ValidatedObjective(fr.combined, fr.reports) for fid, fr in rewards.items() if fr.trainable}
+        self._round_trajectories = trajs
         return envs, rewards, objs
+
+    def _revalidate_stored(self, envs, start: int, end: int) -> list:
+        """Re-validate the *stored* active rewards (``RewardRegistry``, what ``onpolicy rewards`` and the
+        admin show) on the round's new feedback, retiring those that no longer agree with users. The
+        round itself trains on rewards rebuilt and validated from all feedback up to ``end``, so this
+        keeps the persisted table honest; it does not change what this round trains on."""
+        wh = getattr(self.registry, "wh", None)
+        if wh is None:
+            return []
+        from learner.rewards.registry import RewardRegistry
+
+        active = {r[0] for r in wh.query("SELECT DISTINCT family_id FROM {db}.rewards FINAL WHERE status = 'active'")}
+        fresh = envs.family_trajectories(self._round_trajectories[start:end])
+        reg, reports = RewardRegistry(wh), []
+        for fid in sorted(active & set(fresh)):
+            reports += reg.revalidate(fid, fresh[fid])
+        return reports
 
     def run_round(self) -> RoundResult:
         import torch
@@ -248,6 +272,8 @@ class LearningLoop:
             st = {**st, "round": st["round"] + 1, "window": [st["committed"], self.log.end()], "step": 0}
         rnd, (start, end) = st["round"], st["window"]
         envs, rewards, objs = self._objectives(end)
+        if st.get("step", 0) == 0:
+            self._revalidate_stored(envs, start, end)
         env_versions = sorted(e.version for e in envs.environments.values())
         reward_versions = sorted(o.version for o in objs.values())
         if st.get("env_versions") not in (None, env_versions):
@@ -306,7 +332,10 @@ class LearningLoop:
             version = record(self.registry, version.name, prod.name if prod else "", g)
             result.gate = g.reason
         if self.ship is not None and version.routable and self.settings.family not in self.control().pinned:
-            self.ship(version)
+            from learner.release import RoundContext
+
+            fam_settings = self.env_settings.families if self.env_settings is not None else None
+            result.release = self.ship(version, RoundContext(envs, objs, self._round_trajectories, fam_settings))
         self._commit(rnd, end)
         return result
 

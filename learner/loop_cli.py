@@ -23,7 +23,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--publish-to", action="append", default=None, metavar="VLLM_BASE_URL",
                      help="vLLM replica(s) (…/v1) to publish gated adapters to; repeat for several")
     run.add_argument("--public-model", default=None,
-                     help="with --publish-to: route this public model name to each published adapter")
+                     help="with --publish-to: the public model name the canary routes (default: the base's name)")
+    run.add_argument("--canary-fraction", type=float, default=0.1,
+                     help="share of the public model's requests the candidate serves during its canary")
+    run.add_argument("--canary-max-requests", type=int, default=200,
+                     help="canary budget: judged requests served by the candidate before a budget decision")
+    run.add_argument("--canary-max-seconds", type=float, default=3600.0,
+                     help="canary budget: seconds before a budget decision")
+    run.add_argument("--shadow-requests", type=int, default=48,
+                     help="mirrored live requests replayed to candidate and production in the shadow stage")
+    run.add_argument("--shadow-min-pairs", type=int, default=20,
+                     help="scored request pairs the shadow needs to pass (fewer: the candidate is not routed)")
+    run.add_argument("--metrics-port", type=int, default=None,
+                     help="serve Prometheus metrics on 127.0.0.1:PORT (default: off; 0 picks a free port)")
     run.set_defaults(func=_run)
     status = sub.add_parser("status", help="adapter versions with lineage and status, and the loop's checkpoint")
     _common(status)
@@ -49,34 +61,31 @@ def _warehouse():
     return wh
 
 
-def _shipper(args, base_served_name: str):
-    """Publish a gated adapter to every vLLM replica, then route the public model to it.
-
-    The sequential canary (learner/canary.py) is not yet fed from live feedback here: a version that
-    passed the gate is routed directly, and an operator can roll it back (onpolicy admin rollback).
-    """
+def _releaser(args, base_served_name: str, wh, registry):
+    """Publish, shadow and canary each gated adapter (learner/release.py); resume or conclude a canary
+    a previous learner process left running."""
+    from learner.canary import CanarySettings
     from learner.publisher import Publisher
+    from learner.release import Releaser, ReleaseSettings
     from learner.serving import onpolicy_home
-    from streams.events import ControlEvent
+    from learner.shadow import ShadowSettings
+    from streams.errors import OnpolicyUserError
     from streams.producer import EventProducer
     from streams.settings import KafkaSettings, ProducerSettings
 
+    if not 0.0 < args.canary_fraction <= 1.0:
+        raise OnpolicyUserError(f"--canary-fraction must be in (0, 1], got {args.canary_fraction}")
+    if args.canary_max_requests < 1 or args.canary_max_seconds <= 0:
+        raise OnpolicyUserError("--canary-max-requests and --canary-max-seconds must be positive")
     producer = EventProducer(KafkaSettings(), ProducerSettings(spool_dir=onpolicy_home() / "spool" / "learner"))
-    routed: list[str] = []
-    publisher = Publisher(args.publish_to, args.dir / "published", producer, routed=lambda: list(routed))
-    public = args.public_model or base_served_name
-
-    def ship(version) -> None:
-        publisher.publish(version.name, version.path, expected_sha256=version.sha256, public_model=public)
-        producer.emit(ControlEvent(
-            action="routing_changed", actor="learner", reason=f"passed the gate: {version.reason}"[:500],
-            public_model=public, adapter_version=version.name,
-            payload={"routing_version": 1, "route": {"base": base_served_name, "adapter": version.name}}))
-        routed[:] = [version.name]
-        producer.flush(30)
-        print(json.dumps({"published": version.name, "routed": public}), flush=True)
-
-    return ship
+    routed = lambda: [v.name for v in registry.versions(args.family) if v.status in ("canary", "production")]  # noqa: E731
+    publisher = Publisher(args.publish_to, args.dir / "published", producer, routed=routed)
+    canary = CanarySettings(fraction=args.canary_fraction, max_observations=args.canary_max_requests,
+                            max_seconds=args.canary_max_seconds)
+    shadow = ShadowSettings(sample=args.shadow_requests, min_pairs=args.shadow_min_pairs)
+    return Releaser(publisher, producer, registry, wh, ReleaseSettings(
+        public_model=args.public_model or base_served_name, base=base_served_name, family=args.family,
+        shadow=shadow, canary=canary))
 
 
 def _run(args) -> int:
@@ -86,19 +95,36 @@ def _run(args) -> int:
     from learner.registry import AdapterRegistry
     from learner.trainer import TrainerSettings
 
+    from learner import metrics
+
+    if args.metrics_port is not None:
+        port = metrics.serve(args.metrics_port)
+        print(json.dumps({"metrics": f"http://127.0.0.1:{port}/metrics"}), flush=True)
     wh = _warehouse()
     built = ensure_model(args.model)
     base = built.path
-    ship = _shipper(args, built.served_name) if args.publish_to else None
+    registry = AdapterRegistry(wh, args.dir / "adapters")
+    ship = _releaser(args, built.served_name, wh, registry) if args.publish_to else None
+    if ship is not None:
+        for name, outcome in ship.recover():  # a canary left running by a killed learner
+            print(json.dumps({"recovered_canary": name, "outcome": outcome}), flush=True)
     ts = TrainerSettings(threads=args.threads)
-    loop = LearningLoop(base, WarehouseSignalLog(wh), AdapterRegistry(wh, args.dir / "adapters"), args.dir / "ckpt", ts,
+
+    def on_step(rec: dict) -> None:
+        metrics.record_step(rec)
+        print(json.dumps(rec), flush=True)
+
+    loop = LearningLoop(base, WarehouseSignalLog(wh), registry, args.dir / "ckpt", ts,
                         LoopSettings(family=args.family, min_new_feedback=args.min_new_feedback,
                                      steps_per_round=args.steps),
                         gate=make_loop_gate(base, ts, demo_forgetting_suite() if args.model == "onpolicy-tiny" else []),
-                        ship=ship, on_step=lambda rec: print(json.dumps(rec), flush=True))
+                        ship=ship, on_step=on_step)
     for r in loop.run(max_rounds=args.rounds):
+        metrics.ROUNDS.labels(r.status.split(":")[0]).inc()
+        if r.gate:
+            metrics.GATE.labels("passed" if r.gate.startswith("passed") else "failed").inc()
         print(json.dumps({"round": r.round, "window": r.window, "status": r.status, "adapter": r.adapter,
-                          "gate": r.gate}), flush=True)
+                          "gate": r.gate, "release": r.release}), flush=True)
     return 0
 
 

@@ -196,10 +196,14 @@ class Stack:
         if self.learn:
             # The learner: trains on validated signal, gates, publishes to vLLM and routes the
             # public model to each version that passed the gate. Its log is JSON lines per step.
+            # Canary settings sized for the demo's 2-4 requests/s: half the traffic to the candidate,
+            # so a decision comes within ~5 minutes of traffic (release.py; docs/operations.md).
+            self.ports.setdefault("learner_metrics", free_port())
             learner = ManagedProcess(
                 "learner", [sys.executable, "-m", "deploy.cli", "learner", "run", "--model", model,
                             "--min-new-feedback", str(self.min_new_feedback), "--publish-to", self.vllm.base_url,
-                            "--public-model", built.served_name],
+                            "--public-model", built.served_name, "--canary-fraction", "0.5",
+                            "--canary-max-seconds", "300", "--metrics-port", str(self.ports["learner_metrics"])],
                 self.client_env(), self.home / "logs" / "learner.log")
             learner.start()
             self.processes.append(learner)
