@@ -73,6 +73,7 @@ def create_app(settings: ProxySettings, *, producer: Any | None = None, router: 
 
     async def capture_ctx(app: web.Application):
         owned = worker = None
+        injected = state.producer is not None  # a test's producer: it sees only its requests' events
         if settings.capture:
             if state.producer is None and settings.capture_mode == "process":
                 from proxy.capture_worker import CaptureWorker
@@ -97,7 +98,7 @@ def create_app(settings: ProxySettings, *, producer: Any | None = None, router: 
                 state.capture = Capture(state.producer, redactor, settings.capture_max_event_bytes)
         metrics.registry.register(CaptureCollector(state.capture, state.router))
         tally = None
-        if state.capture is not None and settings.reconcile_tally_interval_s > 0:
+        if state.capture is not None and settings.reconcile_tally_interval_s > 0 and not injected:
             # Per-minute counts for reconciliation, reported through the API producer (its own spool).
             from proxy.apis import API_PRODUCER
             from streams.reconcile import Tally

@@ -14,6 +14,7 @@ is still emitted (so the request counts in metrics and feedback can still refere
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import time
 from dataclasses import dataclass, field
@@ -59,6 +60,7 @@ class Exchange:
     abandoned: bool = False
     response: dict[str, Any] | None = None  # set directly by paths that already hold an object (hosted)
     request_body: bytes | None = None  # the body as the client sent it (for the capture worker)
+    handed_at: float | None = None  # wall clock when handed to capture (the event's ts; set by the tally)
 
 
 def _strings(value: Any, out: list[str]) -> None:
@@ -166,8 +168,11 @@ class Capture:
         self.emitted = 0
         self.dropped = 0
         self.failed = 0  # events that could not be built (a bug); counted and logged, never raised
+        self.tally = None  # streams.reconcile.Tally in the proxy's process (inline mode); None in the worker
 
     def record(self, ex: Exchange) -> None:
+        if self.tally is not None:
+            self.tally.served(ex)
         try:
             event = self.build(ex)
         except Exception:
@@ -230,7 +235,11 @@ class Capture:
                          "total_tokens": usage.get("total_tokens")}
             usage = {k: usage.get(k) for k in ("prompt_tokens", "completion_tokens", "total_tokens")
                      if isinstance(usage.get(k), int)}
+        extra: dict[str, Any] = {}
+        if ex.handed_at is not None:  # the same minute the proxy's tally counted (streams.reconcile)
+            extra["ts"] = dt.datetime.fromtimestamp(ex.handed_at, dt.timezone.utc)
         event = InteractionEvent(
+            **extra,
             interaction_id=ex.interaction_id,
             endpoint=ex.endpoint,
             public_model=ex.public_model,

@@ -54,7 +54,7 @@ _IOV_MAX = 512
 _F_SETPIPE_SZ = 1031
 _META_FIELDS = ("endpoint", "interaction_id", "public_model", "t0", "upstream", "upstream_model", "adapter_version",
                 "stream", "episode_id", "user_id", "tenant", "train_opt_out", "status", "t_first", "t_end", "error",
-                "abandoned")
+                "abandoned", "handed_at")
 
 
 def pack(ex: Exchange, request_body: bytes) -> bytes:
@@ -108,6 +108,7 @@ class CaptureWorker:
         self.lost_bytes = 0  # unread inside a dead worker's pipe
         self.restarts = 0
         self.redactor = None  # redaction runs in the worker; its counts come from the stats file
+        self.tally = None  # streams.reconcile.Tally: counts each exchange before the queue that could drop it
         self._queue: collections.deque[memoryview] = collections.deque()
         self._queue_bytes = 0
         self._partial = False  # the queue's head is the rest of a frame already partly in the pipe
@@ -169,6 +170,8 @@ class CaptureWorker:
     def record(self, ex: Exchange) -> None:
         """Queue one exchange; the queue is written to the pipe once per loop iteration (one
         ``writev`` for every exchange that finished in it, so one wake-up of the worker)."""
+        if self.tally is not None:
+            self.tally.served(ex)
         try:
             frame = pack(ex, ex.request_body or b"")
         except Exception:

@@ -365,6 +365,8 @@ def register(app: web.Application) -> None:
         ok = producer.emit(event)
         if ok:
             metrics.feedback.labels(event.kind, event.source).inc()
+            if state.tally is not None and event.source == "explicit":
+                state.tally.feedback_accepted(event.ts)  # reconciliation (streams/reconcile.py)
         return ok
 
     app[FEEDBACK] = FeedbackService(state.settings, state.ids, load_api_keys(state.settings), emit)

@@ -27,6 +27,7 @@ class ProxyState:
     capture: "Capture | None" = None
     producer: object | None = None  # streams.producer.EventProducer when capture is on
     follower: "ControlFollower | None" = None
+    tally: object | None = None  # streams.reconcile.Tally when capture and reconciliation are on
     draining: bool = False
     started_at: float = 0.0
     extra: dict[str, object] = field(default_factory=dict)

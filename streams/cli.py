@@ -61,6 +61,13 @@ def run_sink(args) -> int:
 
         implicit_producer = EventProducer(kafka, ProducerSettings(spool_dir=default_home() / "spool" / f"implicit-{settings.group_id}"))
         ImplicitMiner(warehouse, implicit_producer, interval_s=settings.implicit_interval_s, stop=stop).start()
+    if settings.reconcile_interval_s > 0:
+        from streams.reconcile import ReconcileCollector, Reconciler
+
+        reconciler = Reconciler(warehouse, interval_s=settings.reconcile_interval_s, lookback_s=settings.reconcile_lookback_s,
+                                settle_s=settings.reconcile_settle_s, stop=stop).start()
+        if settings.metrics_port:
+            REGISTRY.register(ReconcileCollector(reconciler))
     server = None
     if settings.warehouse_port:
         from streams.warehouse_server import WarehouseServer

@@ -136,11 +136,36 @@ class ControlEvent(_Event):
     payload: dict[str, Any] = Field(default_factory=dict, description="Routing table, lineage, evidence, ...")
 
 
-Event = Annotated[Union[InteractionEvent, FeedbackEvent, ControlEvent], Field(discriminator="event_type")]
+class TallyEvent(_Event):
+    """What one proxy replica counted in one UTC minute: requests it handed to capture and feedback
+    events it accepted. Reconciliation (``streams.reconcile``) compares these with what landed.
+
+    A replica reports each minute several times as it goes; the counts are cumulative within the
+    minute, so the largest report per (reporter, minute) is the truth and a lost or repeated report
+    costs nothing. ``reporter`` is unique per process lifetime: a restarted replica reports anew.
+    """
+
+    event_type: Literal["tally"] = "tally"
+    schema_version: Literal[1] = 1
+    reporter: str = Field(description="The replica's id for this process lifetime: host, pid and a random suffix.")
+    minute: dt.datetime = Field(description="Start of the UTC minute counted (the event's ts minute is the same bucket).")
+    interactions: int = Field(default=0, ge=0, description="Requests handed to capture in this minute (before any queue that could drop).")
+    feedback: int = Field(default=0, ge=0, description="Feedback events accepted by the feedback API in this minute.")
+
+    @field_validator("minute")
+    @classmethod
+    def _utc_minute(cls, value: dt.datetime) -> dt.datetime:
+        if value.tzinfo is None:
+            raise ValueError("timestamps must be timezone-aware UTC")
+        return value.astimezone(dt.timezone.utc).replace(second=0, microsecond=0)
+
+
+Event = Annotated[Union[InteractionEvent, FeedbackEvent, ControlEvent, TallyEvent], Field(discriminator="event_type")]
 EVENT_TYPES: dict[str, type[_Event]] = {
     "interaction": InteractionEvent,
     "feedback": FeedbackEvent,
     "control": ControlEvent,
+    "tally": TallyEvent,
 }
 CURRENT_VERSION: dict[str, int] = {
     name: cls.model_fields["schema_version"].default for name, cls in EVENT_TYPES.items()
@@ -152,7 +177,7 @@ UPGRADERS: dict[tuple[str, int], Callable[[dict[str, Any]], dict[str, Any]]] = {
 _event_adapter: TypeAdapter = TypeAdapter(Event)
 
 
-def decode(payload: bytes | str | dict[str, Any]) -> InteractionEvent | FeedbackEvent | ControlEvent:
+def decode(payload: bytes | str | dict[str, Any]) -> InteractionEvent | FeedbackEvent | ControlEvent | TallyEvent:
     """Parse any event version this code knows, upgrading old versions. Raises EventDecodeError."""
     if isinstance(payload, dict):
         data = dict(payload)

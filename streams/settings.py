@@ -90,3 +90,6 @@ class SinkSettings(BaseSettings):
     metrics_host: str = Field(default="127.0.0.1", description="Interface for /metrics (0.0.0.0 in a container, so Prometheus can scrape it).")
     implicit_interval_s: float = Field(default=30.0, ge=0, description="Mine implicit feedback (regenerate, edit, abandonment) from the warehouse this often; 0 = off.")
     warehouse_port: int | None = Field(default=None, description="Serve the embedded warehouse to other local processes on this loopback port (streams.warehouse_server).")
+    reconcile_interval_s: float = Field(default=30.0, ge=0, description="Compare the proxies' per-minute tallies with landed events this often (streams.reconcile); 0 = off.")
+    reconcile_lookback_s: float = Field(default=900.0, gt=0, description="Reconcile the minutes of this past window...")
+    reconcile_settle_s: float = Field(default=120.0, ge=0, description="...except the most recent ones, still travelling (spool, broker, sink batch).")

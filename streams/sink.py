@@ -31,12 +31,12 @@ from prometheus_client.registry import Collector
 from streams.consumer import BatchConsumer
 from streams.events import EventDecodeError, decode
 from streams.settings import KafkaSettings, SinkSettings
-from streams.topics import CONTROL, DEADLETTER, FEEDBACK, INTERACTIONS
+from streams.topics import CONTROL, DEADLETTER, FEEDBACK, INTERACTIONS, TALLIES
 from streams.warehouse import Warehouse
 
 log = logging.getLogger(__name__)
 
-SINK_TOPICS = (INTERACTIONS.name, FEEDBACK.name, CONTROL.name)
+SINK_TOPICS = (INTERACTIONS.name, FEEDBACK.name, CONTROL.name, TALLIES.name)
 
 
 class Sink:
@@ -46,7 +46,7 @@ class Sink:
         self.warehouse = warehouse
         self.settings = settings or SinkSettings()
         self.stop = stop or threading.Event()
-        self.landed = {"interactions": 0, "feedback": 0, "control": 0}
+        self.landed = {"interactions": 0, "feedback": 0, "control": 0, "tallies": 0}
         self.dead_letters = 0
         self.last_batch_s = 0.0
         self._dlq_producer = None
@@ -68,7 +68,7 @@ class Sink:
             self._dead_letter(dead)
         counts = self.warehouse.insert_events(events)
         for table, n in counts.items():
-            self.landed[table] += n
+            self.landed[table] = self.landed.get(table, 0) + n
         self.dead_letters += len(dead)
         self.last_batch_s = time.perf_counter() - started
 

@@ -20,5 +20,8 @@ FEEDBACK = Topic("onpolicy.feedback.v1", partitions=4, configs={"retention.ms": 
 CONTROL = Topic("onpolicy.control.v1", partitions=1, configs={"retention.ms": "-1"})
 DEADLETTER = Topic("onpolicy.deadletter.v1", partitions=1, configs={"retention.ms": str(30 * 24 * 3600 * 1000)})
 
-ALL = (INTERACTIONS, FEEDBACK, CONTROL, DEADLETTER)
-BY_EVENT_TYPE = {"interaction": INTERACTIONS, "feedback": FEEDBACK, "control": CONTROL}
+# Per-minute counts from each proxy replica, for reconciliation (streams.reconcile): small and few.
+TALLIES = Topic("onpolicy.tallies.v1", partitions=1, configs={"retention.ms": str(7 * 24 * 3600 * 1000)})
+
+ALL = (INTERACTIONS, FEEDBACK, CONTROL, DEADLETTER, TALLIES)
+BY_EVENT_TYPE = {"interaction": INTERACTIONS, "feedback": FEEDBACK, "control": CONTROL, "tally": TALLIES}

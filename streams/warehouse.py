@@ -22,7 +22,7 @@ from typing import Any, Iterable, Sequence
 import orjson
 
 from streams.errors import OnpolicyUserError
-from streams.events import ControlEvent, FeedbackEvent, InteractionEvent
+from streams.events import ControlEvent, FeedbackEvent, InteractionEvent, TallyEvent
 from streams.settings import WarehouseSettings
 
 log = logging.getLogger(__name__)
@@ -125,6 +125,10 @@ CONTROL_COLUMNS = (
     "event_id", "ts", "schema_version", "action", "actor", "reason", "public_model", "adapter_version", "payload",
     "kafka_topic", "kafka_partition", "kafka_offset",
 )
+TALLY_COLUMNS = (
+    "event_id", "ts", "schema_version", "reporter", "minute", "interactions", "feedback", "kafka_topic",
+    "kafka_partition", "kafka_offset",
+)
 DEAD_LETTER_COLUMNS = ("kafka_topic", "kafka_partition", "kafka_offset", "reason", "payload")
 
 Origin = tuple[str, int, int]  # kafka topic, partition, offset
@@ -155,6 +159,11 @@ def control_row(e: ControlEvent, origin: Origin) -> list[Any]:
         e.event_id, _naive_utc(e.ts), e.schema_version, e.action, e.actor, e.reason, e.public_model or "",
         e.adapter_version or "", _json(e.payload), *origin,
     ]
+
+
+def tally_row(e: TallyEvent, origin: Origin) -> list[Any]:
+    return [e.event_id, _naive_utc(e.ts), e.schema_version, e.reporter, _naive_utc(e.minute), e.interactions,
+            e.feedback, *origin]
 
 
 class Warehouse:
@@ -230,17 +239,21 @@ class Warehouse:
             return set()
 
     # -- events -----------------------------------------------------------------------------
-    def insert_events(self, items: Iterable[tuple[InteractionEvent | FeedbackEvent | ControlEvent, Origin]]) -> dict[str, int]:
+    def insert_events(self, items: Iterable[tuple[InteractionEvent | FeedbackEvent | ControlEvent | TallyEvent, Origin]]
+                      ) -> dict[str, int]:
         """Insert events into their tables. Durable when this returns (the parts are written)."""
-        rows: dict[str, list[list[Any]]] = {"interactions": [], "feedback": [], "control": []}
+        rows: dict[str, list[list[Any]]] = {"interactions": [], "feedback": [], "control": [], "tallies": []}
         for event, origin in items:
             if isinstance(event, InteractionEvent):
                 rows["interactions"].append(interaction_row(event, origin))
             elif isinstance(event, FeedbackEvent):
                 rows["feedback"].append(feedback_row(event, origin))
+            elif isinstance(event, TallyEvent):
+                rows["tallies"].append(tally_row(event, origin))
             else:
                 rows["control"].append(control_row(event, origin))
-        columns = {"interactions": INTERACTION_COLUMNS, "feedback": FEEDBACK_COLUMNS, "control": CONTROL_COLUMNS}
+        columns = {"interactions": INTERACTION_COLUMNS, "feedback": FEEDBACK_COLUMNS, "control": CONTROL_COLUMNS,
+                   "tallies": TALLY_COLUMNS}
         for table, table_rows in rows.items():
             self.insert(table, table_rows, columns[table])
         return {t: len(r) for t, r in rows.items()}
