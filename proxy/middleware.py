@@ -8,6 +8,8 @@ further than its own request:
 - the id headers the proxy reads -- ``ID_HEADERS`` -- must also be at most ``MAX_ID_HEADER_CHARS``
   characters with no control characters (they become event fields, routing keys and idempotency
   keys): else 400 ``invalid_header``. Errors name the header, never echo its value;
+- vLLM's runtime LoRA API is refused however its path is spelled (``/v1//load_lora_adapter``,
+  a trailing slash, dot segments): the /v1 catch-all would otherwise forward it upstream;
 - the body is read here, within ``request_body_timeout_s`` (a trickled body gets 408 and the
   connection is closed) and ``max_body_bytes`` (413); handlers then read it from memory.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import posixpath
 
 from aiohttp import web
 
@@ -60,6 +63,16 @@ def check_headers(request: web.Request) -> None:
                              param=name, code="invalid_header")
 
 
+def _upstream_admin(path: str) -> bool:
+    """True for any spelling of vLLM's runtime LoRA API under /v1 (only the learner's publisher calls it)."""
+    from proxy.relay import UPSTREAM_ADMIN
+
+    if not path.startswith("/v1/"):
+        return False
+    tail = posixpath.normpath("/" + path[4:].lstrip("/")).lower()  # collapses //, ./, ../ and a trailing /
+    return tail in UPSTREAM_ADMIN
+
+
 async def read_body(request: web.Request) -> None:
     """Read the whole body now (aiohttp keeps it for the handler's ``read()``), within the body deadline."""
     if not request.body_exists or not request.can_read_body:
@@ -102,6 +115,9 @@ def _count(request: web.Request, status: int) -> None:
 async def openai_errors(request: web.Request, handler):
     try:
         check_headers(request)
+        if _upstream_admin(request.path):
+            raise ProxyError(404, f"{request.path} is not exposed through the proxy: adapters are loaded by the learner's "
+                                  "publisher and routed with the admin API", code="not_found")
         try:
             await read_body(request)
         except ProxyError as err:
