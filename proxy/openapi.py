@@ -61,12 +61,17 @@ def openapi_spec() -> dict[str, Any]:
                 "type": "object", "required": ["model", "input"], "additionalProperties": True,
                 "properties": {"model": _COMMON["model"], "input": {"type": "string"}},
             }),
+            "/v1/responses": _post("Responses API (the upstream's response id is kept for previous_response_id).", {
+                "type": "object", "required": ["model", "input"], "additionalProperties": True,
+                "properties": dict(_COMMON, input={"type": ["string", "array"]}),
+            }),
             "/v1/models": {"get": {"summary": "Models: the upstream's plus the public names routed by onpolicy.",
                                    "responses": {"200": {"description": "A model list."}}}},
             "/healthz": {"get": {"summary": "Liveness.", "responses": {"200": {"description": "alive"}}}},
             "/readyz": {"get": {"summary": "Readiness (503 while starting or draining).",
                                 "responses": {"200": {"description": "ready"}, "503": {"description": "not ready"}}}},
             "/metrics": {"get": {"summary": "Prometheus metrics.", "responses": {"200": {"description": "text format"}}}},
+            "/openapi.json": {"get": {"summary": "This description.", "responses": {"200": {"description": "OpenAPI 3.1"}}}},
             **openapi_paths(),  # /v1/feedback and /admin/* (proxy/apis.py)
         },
     }

@@ -19,8 +19,12 @@ from dataclasses import dataclass
 from typing import Callable
 
 import pytest
+import schemathesis
+from hypothesis import HealthCheck, settings
+from schemathesis import GenerationMode
 
 from proxy.api_keys import hash_key
+from proxy.openapi import openapi_spec
 from tests.chaos.proxy_process import CHAT, ProxyProcess, Reply, SdkLoad, Standin, raw_exchange, request_bytes
 from tests.chaos.report import record
 
@@ -349,6 +353,59 @@ def test_header_injection_through_ids(stack):
                                    "control characters and >256 chars in id headers -> 400 invalid_header; "
                                    "CR LF splits into a separate header, never into ours")
     assert row["5xx"] == 0
+
+
+# -- schemathesis over the proxy's whole OpenAPI description (the real-vLLM run is
+# tests/integration/test_proxy_fuzz.py; here the stand-in answers, so the proxy's own checks are fuzzed) --
+FUZZ_EXAMPLES = 20
+fuzz_schema = schemathesis.openapi.from_dict(openapi_spec())
+fuzz_schema.config.generation.update(modes=[GenerationMode.POSITIVE, GenerationMode.NEGATIVE], max_examples=FUZZ_EXAMPLES,
+                                     deterministic=True)
+FUZZ: dict = {"cases": 0, "statuses": {}, "operations": set(), "load_before": None, "tracebacks": 0}
+
+
+@fuzz_schema.parametrize()
+@settings(deadline=None, suppress_health_check=list(HealthCheck), max_examples=FUZZ_EXAMPLES)
+def test_schemathesis_every_endpoint(case, stack):
+    proxy, load = stack
+    if FUZZ["load_before"] is None:
+        FUZZ["load_before"] = load.snapshot()
+    if case.path == "/v1/feedback" or case.path.startswith("/admin/"):
+        # valid credentials, so the fuzzing reaches the body checks (auth itself: test_security.py)
+        token = API_KEY if case.path == "/v1/feedback" else ADMIN_TOKEN
+        case.headers = {**(case.headers or {}), "Authorization": f"Bearer {token}"}
+    response = case.call(base_url=proxy.root_url, timeout=30)
+    FUZZ["cases"] += 1
+    FUZZ["operations"].add(f"{case.method.upper()} {case.path}")
+    FUZZ["statuses"][response.status_code] = FUZZ["statuses"].get(response.status_code, 0) + 1
+    text = response.text
+    if TRACEBACK.search(text.encode()):
+        FUZZ["tracebacks"] += 1
+    assert response.status_code != 500, f"{case.method} {case.path} -> 500: {text[:500]}"
+    assert not TRACEBACK.search(text.encode()), text[:500]
+    content_type = (response.headers.get("content-type") or [""])[0]
+    if response.status_code >= 400 and content_type.startswith("application/json"):
+        assert "error" in response.json(), text[:300]
+
+
+def test_schemathesis_covered_every_operation(stack):
+    _, load = stack
+    if not FUZZ["cases"]:
+        pytest.skip("the schemathesis cases did not run in this session")
+    spec_ops = {f"{m.upper()} {p}" for p, item in openapi_spec()["paths"].items() for m in item}
+    # negative cases also call each path with methods it does not allow (405): a superset
+    assert spec_ops <= FUZZ["operations"], spec_ops - FUZZ["operations"]
+    ok0, failed0 = FUZZ["load_before"]
+    ok1, failed1 = load.snapshot()
+    statuses = FUZZ["statuses"]
+    record("hostile", **{
+        "check": f"schemathesis: every operation of /openapi.json ({len(spec_ops)}), positive and negative cases",
+        "attempts": FUZZ["cases"], "responses": ", ".join(f"{s} x{n}" for s, n in sorted(statuses.items())),
+        "5xx": sum(n for s, n in statuses.items() if s >= 500), "tracebacks": FUZZ["tracebacks"],
+        "others served meanwhile": f"{ok1 - ok0} SDK requests, {failed1 - failed0} failed",
+        "notes": f"up to {FUZZ_EXAMPLES} cases per operation (and wrong methods on each path); 0 responses with 500; feedback and admin fuzzed with valid "
+                 "credentials; upstream: the stand-in (tests/integration/test_proxy_fuzz.py runs it with vLLM)"})
+    assert failed1 == failed0
 
 
 def test_the_proxy_still_serves_after_the_attacks(stack):
