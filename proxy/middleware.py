@@ -67,7 +67,7 @@ def _upstream_admin(path: str) -> bool:
     """True for any spelling of vLLM's runtime LoRA API under /v1 (only the learner's publisher calls it)."""
     from proxy.relay import UPSTREAM_ADMIN
 
-    if not path.startswith("/v1/"):
+    if not path.startswith("/v1/") or "lora_adapter" not in path.lower():  # the hot path stops here
         return False
     tail = posixpath.normpath("/" + path[4:].lstrip("/")).lower()  # collapses //, ./, ../ and a trailing /
     return tail in UPSTREAM_ADMIN
