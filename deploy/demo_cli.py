@@ -1,4 +1,15 @@
-"""``onpolicy demo`` (the stack + the learner + simulated users) and ``onpolicy eval``."""
+"""``onpolicy demo`` (the stack + the learner + simulated users) and ``onpolicy eval``.
+
+While the simulated users run, the demo prints what the learner decided, read from the warehouse
+(the adapter registry and the control events), one line each, prefixed ``[learning]``:
+
+    [learning] demo-v0003 gate_failed: failed: forgets 8.0 points on arithmetic (67.0% -> 59.0%), more than 2
+    [learning] demo-v0002 gated: passed: held-out gain +0.408 (lower bound +0.296 > +0.000); ...
+    [learning] adapter_published onpolicy-tiny -> demo-v0002 (learner): loaded and probed on every replica
+    [learning] adapter_promoted onpolicy-tiny -> demo-v0002 (canary): ...
+
+so a person (and the end-to-end test) sees learning happen without opening the status page.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +18,60 @@ import signal
 import sys
 import threading
 import time
+from typing import Any
 
 from deploy.simulated_users import DEFAULT_TASKS
+
+# Control actions worth a line in the demo's output (the status page shows every one).
+DECISIONS = ("adapter_published", "routing_changed", "adapter_promoted", "adapter_rolled_back", "adapter_retired",
+             "learning_paused", "learning_resumed")
+
+
+class LearningWatcher:
+    """Prints each new adapter status and each new control decision once, from the warehouse.
+
+    Reads through whatever warehouse client it is given (the local stack: the sink's loopback
+    endpoint). The registry table appears when the learner first migrates; until then, and while the
+    warehouse is briefly unreachable, there is simply nothing new to print.
+    """
+
+    def __init__(self, warehouse, since: float):
+        self.wh = warehouse
+        self.since = since
+        self.seen_status: dict[str, str] = {}
+        self.seen_control: set[str] = set()
+
+    def poll(self) -> list[str]:
+        lines: list[str] = []
+        try:
+            rows = self.wh.query_dicts("SELECT name, status, reason FROM {db}.adapter_versions FINAL ORDER BY version")
+        except Exception:
+            rows = []
+        for r in rows:
+            if self.seen_status.get(r["name"]) != r["status"]:
+                self.seen_status[r["name"]] = r["status"]
+                lines.append(f"[learning] {r['name']} {r['status']}: {(r['reason'] or '')[:160]}")
+        try:
+            control = self.wh.query_dicts(
+                "SELECT toString(event_id) AS id, action, actor, reason, public_model, adapter_version "
+                "FROM {db}.control FINAL WHERE ts >= fromUnixTimestamp64Milli({since:Int64}) ORDER BY ts",
+                {"since": int(self.since * 1000)})
+        except Exception:
+            control = []
+        for c in control:
+            if c["id"] in self.seen_control or c["action"] not in DECISIONS:
+                continue
+            self.seen_control.add(c["id"])
+            target = f" {c['public_model']} -> {c['adapter_version']}" if c["public_model"] else f" {c['adapter_version']}"
+            lines.append(f"[learning] {c['action']}{target} ({c['actor']}): {(c['reason'] or '')[:160]}")
+        return lines
+
+    def summary(self) -> dict[str, Any]:
+        """Versions by status, for the line printed at exit."""
+        out: dict[str, Any] = {}
+        for name, status in self.seen_status.items():
+            out.setdefault(status, []).append(name)
+        return out
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -77,6 +140,13 @@ def run_demo(args) -> int:
         users = SimulatedUsers(tasks, base_url, model, api_key=api_key, rate=args.rate, concurrency=args.concurrency,
                                seed=args.seed, truth_log=str(default_home() / "demo" / "truth.jsonl"))
         users.stop = stop
+        watcher = None
+        if stack is not None:
+            from streams.settings import WarehouseSettings
+            from streams.warehouse_server import open_warehouse
+
+            watcher = LearningWatcher(open_warehouse(WarehouseSettings(
+                url=stack.client_env()["ONPOLICY_WAREHOUSE_URL"])), since=time.time() - 5)
         thread = threading.Thread(target=users.run, args=(args.duration,), daemon=True)
         thread.start()
         started = time.monotonic()
@@ -87,11 +157,17 @@ def run_demo(args) -> int:
             print(f"[{time.monotonic() - started:6.0f}s] requests {s.requests} (failed {s.failed}), feedback "
                   f"{s.feedback_sent} (failed {s.feedback_failed}), true success of the last 50: {truth:.2f}",
                   flush=True)
+            for line in watcher.poll() if watcher is not None else ():
+                print(line, flush=True)
             if stack is not None and stack.watch():
                 print(f"onpolicy: {stack.watch()} exited unexpectedly; see {stack.home / 'logs'}", file=sys.stderr)
                 return 1
         stop.set()
         thread.join(30)
+        if watcher is not None:
+            for line in watcher.poll():
+                print(line, flush=True)
+            print(f"[learning] adapters by status: {watcher.summary() or 'none yet'}", flush=True)
     finally:
         if stack is not None:
             print("stopping...", file=sys.stderr, flush=True)
