@@ -15,8 +15,6 @@ import json
 import logging
 import secrets
 import threading
-import time
-import uuid
 from pathlib import Path
 
 import httpx
