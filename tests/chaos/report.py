@@ -2,7 +2,7 @@
 docs/reliability.md from it (tests/chaos/conftest.py).
 
 A row is one fault or one hostile-input check, measured on this machine in this run. ``record``
-appends it to ``artifacts/reliability/rows.jsonl`` at once (so a later failure in the session does
+appends it to ``artifacts/reliability/rows-<pid>.jsonl`` at once (so a later failure in the session does
 not lose it); the table is written at the end of a session that ran any chaos test.
 """
 
@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import subprocess
 from pathlib import Path
 
 REPO = Path(__file__).parents[2]
-ROWS = REPO / "artifacts" / "reliability" / "rows.jsonl"
+# One file per pytest session (its pid): two sessions running the suite at once must not wipe or
+# mix each other's rows. Tests record from the session's own process.
+ROWS = REPO / "artifacts" / "reliability" / f"rows-{os.getpid()}.jsonl"
 DOC = REPO / "docs" / "reliability.md"
 
 # Columns of the two tables, in order. A missing value renders as "-".
@@ -65,7 +68,6 @@ def render() -> str | None:
                                capture_output=True, text=True, timeout=10).stdout.strip()
     except OSError:
         commit, dirty = "unknown", ""
-    import os
 
     lines = [
         "# Reliability figures",
