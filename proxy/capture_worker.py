@@ -297,7 +297,20 @@ def worker_main(fd: int, config: dict[str, Any]) -> int:
     from streams.producer import EventProducer
     from streams.settings import KafkaSettings, ProducerSettings
 
-    producer = EventProducer(KafkaSettings(**config["kafka"]), ProducerSettings(**config["producer"]))
+    from streams.spool import SpoolLocked
+
+    # After a proxy restart the previous worker may still hold the spool while it drains its pipe and
+    # flushes (it outlives a SIGKILLed proxy on purpose). Wait for it here rather than exit: exiting
+    # makes the proxy back off up to 30 s per try, and capture then lagged by a minute (chaos suite).
+    lock_deadline = time.monotonic() + float(config.get("spool_lock_wait_s", 120.0))
+    while True:
+        try:
+            producer = EventProducer(KafkaSettings(**config["kafka"]), ProducerSettings(**config["producer"]))
+            break
+        except SpoolLocked:
+            if time.monotonic() > lock_deadline:
+                raise
+            time.sleep(0.2)
     capture = Capture(producer, load_redactor(config["redactor"]), int(config.get("max_event_bytes", 900_000)))
     stats_path = Path(config["stats_path"])
 

@@ -1,0 +1,273 @@
+"""The chaos suite's own stack: real broker (tansu on s3rver), real sink + chdb warehouse, real proxy
+(process capture mode, as ``onpolicy proxy`` runs it), each a separate process that a fault can
+stop, SIGKILL and restart on the same ports and data.
+
+The upstream for load faults is ``bench/standin_upstream.py`` -- a STAND-IN for vLLM's wire format,
+not vLLM: vLLM on 2 CPU cores answers a few requests per second, and these faults need hundreds.
+
+The warehouse lives on a small tmpfs of its own when this process may mount one (root), so the
+"disk full" fault is a real ENOSPC under chdb; elsewhere that fault is skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from deploy.local.stack import ManagedProcess, http_ok
+from streams.embedded import EmbeddedBroker, free_port
+
+REPO = Path(__file__).resolve().parents[2]
+KEY = "chaos-suite-interaction-id-key-0123456789"
+
+
+def _wait_tcp(port: int, timeout_s: float, what: str) -> None:
+    import socket
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.3).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{what} did not listen on {port} within {timeout_s:.0f}s")
+            time.sleep(0.05)
+
+
+def scrape(url: str) -> dict[str, float]:
+    """Prometheus text -> {name{labels}: value} (the simple way: enough for tests)."""
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        text = resp.read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name, _, value = line.rpartition(" ")
+        try:
+            out[name] = float(value)
+        except ValueError:
+            pass
+    return out
+
+
+def process_stats(pid: int) -> dict[str, float]:
+    """RSS (bytes) and open file descriptors of one process, from /proc."""
+    rss = 0
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                rss = int(line.split()[1]) * 1024
+    return {"rss": float(rss), "fds": float(len(os.listdir(f"/proc/{pid}/fd")))}
+
+
+def child_pid(parent: int, needle: str, timeout_s: float = 20.0) -> int:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+                cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if int(stat[1]) == parent and needle in cmd:
+                return int(entry)
+        time.sleep(0.05)
+    raise AssertionError(f"no child {needle} of {parent}")
+
+
+def dir_bytes(path: Path) -> int:
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.path.getsize(os.path.join(root, name))
+            except OSError:
+                pass
+    return total
+
+
+@dataclass
+class ChaosStack:
+    home: Path
+    warehouse_mb: int = 1024
+    ports: dict[str, int] = field(default_factory=dict)
+    broker: EmbeddedBroker | None = None
+    sink: ManagedProcess | None = None
+    proxy: ManagedProcess | None = None
+    standin: subprocess.Popen | None = None
+    tmpfs: bool = False
+    api_key: str = ""
+
+    # -- paths and environment ----------------------------------------------------------------
+    @property
+    def warehouse_dir(self) -> Path:
+        return self.home / "warehouse"
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['proxy']}/v1"
+
+    @property
+    def standin_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['standin']}/v1"
+
+    @property
+    def sink_metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['sink_metrics']}/metrics"
+
+    @property
+    def proxy_metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['proxy']}/metrics"
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            ONPOLICY_HOME=str(self.home),
+            ONPOLICY_KAFKA_BOOTSTRAP_SERVERS=f"127.0.0.1:{self.ports['broker']}",
+            ONPOLICY_WAREHOUSE_URL=f"chdb://{self.warehouse_dir}",
+            # Reconciliation judged quickly, over the whole session (the suite asserts on it).
+            ONPOLICY_SINK_RECONCILE_INTERVAL_S="1",
+            ONPOLICY_SINK_RECONCILE_LOOKBACK_S="7200",
+            ONPOLICY_SINK_RECONCILE_SETTLE_S="3",
+            ONPOLICY_SINK_IMPLICIT_INTERVAL_S="0",
+            ONPOLICY_PROXY_INTERACTION_ID_KEY=KEY,
+            ONPOLICY_PROXY_RECONCILE_TALLY_INTERVAL_S="1",
+            ONPOLICY_PROXY_API_KEYS_FILE=str(self.home / "secrets" / "api_keys.json"),
+            ONPOLICY_PROXY_PRODUCER__SPOOL_DIR=str(self.home / "spool" / "proxy"),
+            PYTHONPATH=str(REPO),
+        )
+        return env
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def up(self) -> "ChaosStack":
+        from proxy.api_keys import ensure_key_file
+        from streams.kafka_admin import ensure_topics
+        from streams.settings import KafkaSettings
+
+        self.home.mkdir(parents=True, exist_ok=True)
+        for name in ("broker", "broker_store", "sink_metrics", "warehouse", "proxy", "standin"):
+            self.ports[name] = free_port()
+        self.warehouse_dir.mkdir(parents=True, exist_ok=True)
+        if os.geteuid() == 0:
+            r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={self.warehouse_mb}m", "tmpfs", str(self.warehouse_dir)],
+                               capture_output=True, text=True)
+            self.tmpfs = r.returncode == 0
+        secrets = self.home / "secrets"
+        secrets.mkdir(parents=True, exist_ok=True)
+        entry = ensure_key_file(secrets / "chaos_api_key", tenant="", name="chaos")
+        (secrets / "api_keys.json").write_text(json.dumps([entry]))
+        self.api_key = (secrets / "chaos_api_key").read_text().strip()
+        self.standin = subprocess.Popen([sys.executable, str(REPO / "bench" / "standin_upstream.py"), "--port",
+                                         str(self.ports["standin"])], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        _wait_tcp(self.ports["standin"], 15, "stand-in upstream")
+        self.broker = EmbeddedBroker(data_dir=self.home / "broker", durable=True, port=self.ports["broker"],
+                                     s3_port=self.ports["broker_store"]).start()
+        ensure_topics(KafkaSettings(bootstrap_servers=self.broker.bootstrap_servers))
+        self.sink = ManagedProcess(
+            "sink", [sys.executable, "-m", "deploy.cli", "sink", "--metrics-port", str(self.ports["sink_metrics"]),
+                     "--warehouse-port", str(self.ports["warehouse"])],
+            self.env(), self.home / "logs" / "sink.log", ready=http_ok(self.sink_metrics_url))
+        self.sink.start(timeout_s=90)
+        self.proxy = ManagedProcess(
+            "proxy", [sys.executable, "-m", "deploy.cli", "--log-level", "WARNING", "proxy", "--port",
+                      str(self.ports["proxy"]), "--upstream-url", self.standin_url, "--no-follow-control"],
+            self.env(), self.home / "logs" / "proxy.log",
+            ready=http_ok(f"http://127.0.0.1:{self.ports['proxy']}/healthz"))
+        self.proxy.start(timeout_s=60)
+        return self
+
+    def down(self) -> None:
+        for p in (self.proxy, self.sink):
+            if p is not None:
+                try:
+                    p.stop(timeout_s=20)
+                except Exception:  # noqa: BLE001 - teardown goes on
+                    pass
+        # Capture workers run in their own sessions; they exit on EOF once the proxy is gone.
+        if self.broker is not None:
+            self.broker.stop()
+        if self.standin is not None and self.standin.poll() is None:
+            self.standin.terminate()
+            self.standin.wait(5)
+        if self.tmpfs:
+            subprocess.run(["umount", "-l", str(self.warehouse_dir)], capture_output=True)
+
+    # -- faults -------------------------------------------------------------------------------
+    def kill(self, proc: ManagedProcess) -> None:
+        """SIGKILL the process itself (not its group: the proxy's capture worker must outlive it)."""
+        proc.proc.send_signal(signal.SIGKILL)
+        proc.proc.wait(10)
+
+    def restart(self, proc: ManagedProcess, timeout_s: float = 90) -> float:
+        t0 = time.monotonic()
+        proc.start(timeout_s=timeout_s)
+        return time.monotonic() - t0
+
+    def fill_warehouse_disk(self) -> int:
+        """Take every free byte of the warehouse's tmpfs (a real ENOSPC for chdb). Returns bytes taken."""
+        st = os.statvfs(self.warehouse_dir)
+        free = st.f_bavail * st.f_frsize
+        ballast = self.warehouse_dir / "chaos-ballast"
+        with open(ballast, "wb") as f:
+            chunk = b"\0" * (1 << 20)
+            try:
+                while True:
+                    f.write(chunk)
+            except OSError:
+                pass
+        try:  # and the last partial MiB
+            with open(self.warehouse_dir / "chaos-ballast-tail", "wb") as f:
+                while True:
+                    f.write(b"\0" * 4096)
+                    f.flush()
+        except OSError:
+            pass
+        return free
+
+    def clear_warehouse_disk(self) -> None:
+        for name in ("chaos-ballast", "chaos-ballast-tail"):
+            (self.warehouse_dir / name).unlink(missing_ok=True)
+
+    # -- observation --------------------------------------------------------------------------
+    def warehouse(self):
+        from streams.warehouse_server import RemoteWarehouse
+
+        token = (self.home / "secrets" / "warehouse_token").read_text().strip()
+        return RemoteWarehouse(f"onpolicy+http://127.0.0.1:{self.ports['warehouse']}", "onpolicy", token=token,
+                               timeout_s=30)
+
+    def landed(self, since_s: float) -> dict[str, tuple[int, int]]:
+        """interaction_id -> (rows after FINAL, distinct event ids), for events with ts >= since (unix s)."""
+        rows = self.warehouse().query(
+            "SELECT interaction_id, count(), uniqExact(event_id) FROM {db}.interactions FINAL "
+            f"WHERE ts >= toDateTime64({since_s:.3f}, 3, 'UTC') GROUP BY interaction_id")
+        return {r[0]: (int(r[1]), int(r[2])) for r in rows}
+
+    def feedback_landed(self, since_s: float) -> dict[str, tuple[int, int]]:
+        rows = self.warehouse().query(
+            "SELECT idempotency_key, count(), uniqExact(event_id) FROM {db}.feedback FINAL "
+            f"WHERE ts >= toDateTime64({since_s:.3f}, 3, 'UTC') AND source = 'explicit' GROUP BY idempotency_key")
+        return {r[0]: (int(r[1]), int(r[2])) for r in rows}
+
+    def sink_metrics(self) -> dict[str, float]:
+        return scrape(self.sink_metrics_url)
+
+    def spool_bytes(self) -> int:
+        return dir_bytes(self.home / "spool")
+
+    def capture_worker_pid(self) -> int:
+        return child_pid(self.proxy.proc.pid, "proxy.capture_worker")
+
+    def sink_log_tail(self, n: int = 3000) -> str:
+        return re.sub(r"\n+", "\n", (self.home / "logs" / "sink.log").read_text(errors="replace")[-n:])
