@@ -25,6 +25,7 @@ import orjson
 from proxy.redaction import Redactor
 from proxy.sse import assemble
 from streams.events import InteractionEvent
+from streams.ids import new_id
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +154,78 @@ def _truncate_strings(value: Any, max_chars: int) -> Any:
 TRUNCATED_KEY = "x_onpolicy_truncated"
 
 
+_USAGE_KEYS = ("prompt_tokens", "completion_tokens", "total_tokens")
+_STR_FIELDS = ("interaction_id", "endpoint", "public_model")
+_OPTIONAL_STR_FIELDS = ("upstream_model", "adapter_version", "upstream", "error", "episode_id", "user_id", "tenant")
+_BOOL_FIELDS = ("stream", "abandoned", "train_opt_out")
+
+
+def _plain(data: dict[str, Any]) -> bool:
+    """Whether ``data`` is already what ``InteractionEvent`` would validate to (no coercion, no error)."""
+    for k in _STR_FIELDS:
+        if type(data[k]) is not str:
+            return False
+    for k in _OPTIONAL_STR_FIELDS:
+        if data[k] is not None and type(data[k]) is not str:
+            return False
+    for k in _BOOL_FIELDS:
+        if type(data[k]) is not bool:
+            return False
+    lf = data["latency_first_token_ms"]
+    usage = data["usage"]
+    if usage is not None and not all(v is None or type(v) is int for v in usage.values()):
+        return False
+    return (type(data["request"]) is dict and (data["response"] is None or type(data["response"]) is dict)
+            and type(data["http_status"]) is int and type(data["latency_total_ms"]) is float
+            and (lf is None or type(lf) is float)
+            and (data["logprobs"] is None or type(data["logprobs"]) is list)
+            and all(f is None or type(f) is str for f in data["finish_reasons"]))
+
+
+class CapturedEvent:
+    """An ``InteractionEvent`` as capture builds it: the dict its model would dump, serialized once.
+
+    Why not the pydantic model: constructing and validating one per request, then dumping it, cost
+    more CPU than everything else the capture worker does but redaction (bench/capture_cpu.py). The
+    dict is checked field by field against the model's types (``_plain``); anything else goes through
+    the model (``validated``: coerced, or a ValidationError counted as a failed event). The JSON is the
+    model's: same fields, order and formats; tests/unit/test_capture_event_contract.py decodes it with
+    the model and compares it with the model-built event. Read the fields as attributes
+    (``event.request``); ``model()`` gives the pydantic event.
+    """
+
+    __slots__ = ("data", "_json")
+    event_type = "interaction"
+
+    def __init__(self, data: dict[str, Any]):
+        self.data = data
+        self._json: bytes | None = None
+
+    @classmethod
+    def validated(cls, data: dict[str, Any]) -> "CapturedEvent":
+        model = InteractionEvent(**data)
+        event = cls(model.model_dump())
+        event._json = model.to_json()
+        return event
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.data[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def to_json(self) -> bytes:
+        if self._json is None:
+            try:
+                self._json = orjson.dumps(self.data, option=orjson.OPT_UTC_Z)
+            except TypeError:  # a value orjson does not know (a hosted SDK's object): the model's serializer
+                self._json = InteractionEvent(**self.data).to_json()
+        return self._json
+
+    def model(self) -> InteractionEvent:
+        return InteractionEvent.model_validate_json(self.to_json())
+
+
 class Capture:
     """Builds and emits the events. ``producer`` is an ``EventProducer`` (or anything with ``emit``).
 
@@ -175,6 +248,7 @@ class Capture:
             self.tally.served(ex)
         try:
             event = self.build(ex)
+            event.to_json()  # serialized here, so a failure is counted as one (emit reuses the bytes)
         except Exception:
             self.failed += 1
             log.exception("could not build the interaction event for %s", ex.interaction_id)
@@ -184,7 +258,7 @@ class Capture:
         else:
             self.dropped += 1
 
-    def build(self, ex: Exchange) -> InteractionEvent:
+    def build(self, ex: Exchange) -> CapturedEvent:
         t_end = ex.t_end or time.perf_counter()
         response: dict[str, Any] | None = ex.response
         finish: list[str | None] = []
@@ -235,39 +309,26 @@ class Capture:
                          "total_tokens": usage.get("total_tokens")}
             usage = {k: usage.get(k) for k in ("prompt_tokens", "completion_tokens", "total_tokens")
                      if isinstance(usage.get(k), int)}
-        extra: dict[str, Any] = {}
-        if ex.handed_at is not None:  # the same minute the proxy's tally counted (streams.reconcile)
-            extra["ts"] = dt.datetime.fromtimestamp(ex.handed_at, dt.timezone.utc)
-        event = InteractionEvent(
-            **extra,
-            interaction_id=ex.interaction_id,
-            endpoint=ex.endpoint,
-            public_model=ex.public_model,
-            upstream_model=ex.upstream_model,
-            adapter_version=ex.adapter_version,
-            upstream=ex.upstream,
-            request=request_out,
-            response=response,
-            stream=ex.stream,
-            sampling=sampling,
-            usage=usage,
-            latency_first_token_ms=(ex.t_first - ex.t0) * 1000 if ex.t_first is not None else None,
-            latency_total_ms=(t_end - ex.t0) * 1000,
-            http_status=ex.status,
-            error=error,
-            finish_reasons=finish,
-            logprobs=logprobs,
-            abandoned=ex.abandoned,
-            episode_id=ex.episode_id,
-            user_id=ex.user_id,
-            tenant=ex.tenant,
-            train_opt_out=ex.train_opt_out,
-        )
+        ts = (dt.datetime.fromtimestamp(ex.handed_at, dt.timezone.utc) if ex.handed_at is not None  # the same
+              else dt.datetime.now(dt.timezone.utc))  # minute the proxy's tally counted (streams.reconcile)
+        # The fields in InteractionEvent's order, as its model_dump_json would write them.
+        data = {
+            "event_id": new_id(), "ts": ts, "event_type": "interaction", "schema_version": 1,
+            "interaction_id": ex.interaction_id, "endpoint": ex.endpoint, "public_model": ex.public_model,
+            "upstream_model": ex.upstream_model, "adapter_version": ex.adapter_version, "upstream": ex.upstream,
+            "request": request_out, "response": response, "stream": ex.stream, "sampling": sampling,
+            "usage": None if usage is None else {k: usage.get(k) for k in _USAGE_KEYS},
+            "latency_first_token_ms": (ex.t_first - ex.t0) * 1000 if ex.t_first is not None else None,
+            "latency_total_ms": (t_end - ex.t0) * 1000, "http_status": ex.status, "error": error,
+            "finish_reasons": finish, "logprobs": logprobs, "abandoned": ex.abandoned, "episode_id": ex.episode_id,
+            "user_id": ex.user_id, "tenant": ex.tenant, "train_opt_out": ex.train_opt_out,
+        }
+        event = CapturedEvent(data) if _plain(data) else CapturedEvent.validated(data)
         if size > self.max_event_bytes and len(event.to_json()) > self.max_event_bytes:
             # Still too big (huge arrays, not long strings): keep the request, drop the answer's body.
-            event = event.model_copy(update={
-                "response": {"omitted": f"the response was too large to capture ({size} bytes)"}, "logprobs": None})
+            event = CapturedEvent(dict(event.data, response={"omitted": f"the response was too large to capture ({size} bytes)"},
+                                             logprobs=None))
             if len(event.to_json()) > self.max_event_bytes:
-                event = event.model_copy(update={"request": {"model": req.get("model"), TRUNCATED_KEY: True,
-                                                             "omitted": "the request was too large to capture"}})
+                event = CapturedEvent(dict(event.data, request={"model": req.get("model"), TRUNCATED_KEY: True,
+                                                                "omitted": "the request was too large to capture"}))
         return event
