@@ -69,39 +69,55 @@ _CONTENT = re.compile(rb'"content":"((?:[^"\\]+|\\.)*)"')
 # Anything that needs the general path: several choices, tool calls, logprobs, reasoning, errors,
 # or JSON that is not compact (the byte patterns below assume vLLM's compact separators).
 _NOT_SIMPLE = (b'"tool_calls"', b'"logprobs":{', b'"error"', b'"reasoning', b'"function_call"', b'\r')
+_OTHER_CHOICE = re.compile(rb'"index":[1-9]')
 
 
 def _fast_chat(raw: bytes) -> Assembled | None:
     """The common stream -- one choice, text only -- assembled without parsing every chunk: the
     content strings are cut out of the raw bytes and decoded once; the first and last chunks are
-    parsed for the envelope, the finish reason and usage. None when the stream is not that shape."""
-    if not raw.startswith(b"data: ") or any(marker in raw for marker in _NOT_SIMPLE):
+    parsed for the envelope, the finish reason and usage. None when the stream is not that shape.
+
+    One regex pass splits the stream into content strings and what lies between them (the
+    envelopes). Every check runs on the envelopes only -- a content string cannot hold a quote,
+    newline or CR unescaped, so no marker hides in it -- and a stream's envelopes between two
+    contents are usually all the same bytes (same id, created, model), so each check reads one.
+    """
+    if not raw.startswith(b"data: "):
         return None
-    if raw.count(b'"index":0') != raw.count(b'"index":'):  # more than one choice
+    end = raw.rfind(b"\n\n")
+    if end < 0:
         return None
-    body = raw[6:]
-    parts = body.split(b"\n\ndata: ")
-    last = parts[-1]
-    if not last.endswith(b"\n\n"):
-        parts[-1] = last  # a cut stream: its last event is torn and dropped
-        parts.pop()
+    complete = raw if end + 2 == len(raw) else raw[: end + 2]  # a cut stream's torn last event is dropped
+    pieces = _CONTENT.split(complete)  # envelope, content, envelope, content, ..., envelope
+    contents = pieces[1::2]
+    envelopes = pieces[0::2]
+    mids = envelopes[1:-1]
+    if len(mids) > 1 and mids.count(mids[0]) == len(mids):
+        distinct, weights = (envelopes[0], mids[0], envelopes[-1]), (1, len(mids), 1)
     else:
-        parts[-1] = last[:-2]
-    # every event must be a single data line for the split to have found them all
-    if body.count(b"\n") != 2 * len(parts) or not parts:
+        distinct, weights = envelopes, (1,) * len(envelopes)
+    for e in distinct:
+        if any(marker in e for marker in _NOT_SIMPLE) or _OTHER_CHOICE.search(e) is not None:
+            return None
+    # every event must be a single data line: its only newlines are the blank line that ends it
+    events = 1 + sum(w * e.count(b"\n\ndata: ") for e, w in zip(distinct, weights))
+    if sum(w * e.count(b"\n") for e, w in zip(distinct, weights)) != 2 * events:
         return None
+    first = complete[6 : complete.find(b"\n\n")]
+    parts = complete[6:-2].rsplit(b"\n\ndata: ", 3)
+    if events == 1:
+        parts = [first]
     done = parts[-1] == b"[DONE]"
     if done:
         parts.pop()
-    if not parts:
+        if events == 1:
+            return None
+    if b'": ' in first or b'", "' in first:  # not compact JSON: the byte patterns do not apply
         return None
     try:
-        head = orjson.loads(parts[0])
-        tail = [orjson.loads(p) for p in parts[-2:]] if len(parts) > 1 else [head]
-        if b'": ' in parts[0] or b'", "' in parts[0]:  # not compact JSON: the byte patterns do not apply
-            return None
-        complete = raw if raw.endswith(b"\n\n") else raw[: raw.rfind(b"\n\n") + 2]  # not a torn last event
-        text = orjson.loads(b'"' + b"".join(_CONTENT.findall(complete)) + b'"')
+        head = orjson.loads(first)
+        tail = [orjson.loads(p) for p in parts[-2:]] if events - done > 1 else [head]
+        text = orjson.loads(b'"' + b"".join(contents) + b'"')
     except orjson.JSONDecodeError:
         return None
     finish = None

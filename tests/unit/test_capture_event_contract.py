@@ -95,3 +95,43 @@ def test_fast_detectors_redact_exactly_like_the_plain_regexes():
         text = "".join(rng.choice(pieces) if rng.random() < 0.15 else rng.choice(alphabet) for _ in range(rng.randint(0, 40)))
         assert fast.redact(text) == plain.redact(text), text
     assert fast.counts == plain.counts
+
+
+def _stream(rng: random.Random) -> bytes:
+    texts = ["tok", " ", 'say "hi"', "a\\b", "line\nbreak", "é🙂", "\"content\":\"x\"", "\r", "data: x\n\n", '"index":1',
+             "reasoning", ""]
+    n = rng.randint(1, 12)
+    events = []
+    for i in range(n):
+        delta = {"role": "assistant", "content": ""} if i == 0 else {"content": "".join(rng.choice(texts) for _ in range(rng.randint(0, 3)))}
+        ch = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
+              "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": "stop" if i == n - 1 else None}]}
+        if rng.random() < 0.1:
+            ch["choices"].append({"index": 1, "delta": {"content": "other"}, "logprobs": None, "finish_reason": None})
+        events.append(b"data: " + orjson.dumps(ch) + b"\n\n")
+    if rng.random() < 0.5:
+        events.append(b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[],'
+                      b'"usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}}\n\n')
+    if rng.random() < 0.7:
+        events.append(b"data: [DONE]\n\n")
+    raw = b"".join(events)
+    if rng.random() < 0.3:
+        raw = raw[: rng.randint(0, len(raw))]
+    return raw
+
+
+def test_fast_stream_assembly_agrees_with_the_general_path():
+    from proxy.sse import _fast_chat, assemble_general
+
+    rng = random.Random(11)
+    fast_taken = 0
+    for _ in range(3000):
+        raw = _stream(rng)
+        fast = _fast_chat(raw)
+        if fast is None:
+            continue
+        fast_taken += 1
+        general = assemble_general("/v1/chat/completions", raw)
+        assert (fast.response, fast.finish_reasons, fast.usage, fast.complete) == \
+            (general.response, general.finish_reasons, general.usage, general.complete), raw
+    assert fast_taken > 1000
