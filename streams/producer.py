@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import struct
 import threading
 import time
 from typing import Any
@@ -44,6 +45,50 @@ def _unsendable(exc: BaseException) -> bool:
         "MessageSizeTooLargeError", "RecordListTooLargeError", "InvalidTopicError", "TopicAuthorizationFailedError",
         "CorruptRecordError", "InvalidRecordError") if hasattr(errors, name))
     return isinstance(exc, permanent)
+
+
+_M = 0x5BD1E995
+
+
+def murmur2(data: bytes) -> int:
+    """Kafka's murmur2 (the Java client's ``Utils.murmur2``), the same values as kafka-python's
+    pure-Python one in about half the time: the words are read with one ``struct.unpack``."""
+    length = len(data)
+    h = 0x9747B28C ^ length
+    n = length >> 2
+    for k in struct.unpack_from(f"<{n}I", data):
+        k = (k * _M) & 0xFFFFFFFF
+        k ^= k >> 24
+        h = ((h * _M) & 0xFFFFFFFF) ^ ((k * _M) & 0xFFFFFFFF)
+    tail = length & 3
+    if tail:
+        i = n << 2
+        if tail >= 3:
+            h ^= data[i + 2] << 16
+        if tail >= 2:
+            h ^= data[i + 1] << 8
+        h = ((h ^ data[i]) * _M) & 0xFFFFFFFF
+    h ^= h >> 13
+    h = (h * _M) & 0xFFFFFFFF
+    return h ^ (h >> 15)
+
+
+def _key_partitioner():
+    """kafka-python's DefaultPartitioner (the Java client's: murmur2 of the key modulo the partition
+    count), without its per-record extras: the list of available partitions it builds and never uses
+    for a keyed record, and the slow hash. Partitioning the CPU profile of ``send()`` showed those at a
+    fifth of it; every record here has a key. The same partition for every key (tested)."""
+    from kafka.partitioner.default import DefaultPartitioner
+
+    class KeyPartitioner(DefaultPartitioner):
+        def partition(self, topic, key, serialized_key, value, serialized_value, cluster):
+            partitions = cluster.partitions_for_topic(topic) if serialized_key is not None else None
+            if not partitions:
+                return super().partition(topic, key, serialized_key, value, serialized_value, cluster)
+            ordered = sorted(partitions)
+            return ordered[(murmur2(serialized_key) & 0x7FFFFFFF) % len(ordered)]
+
+    return KeyPartitioner()
 
 
 def event_key(event: InteractionEvent | FeedbackEvent | ControlEvent) -> bytes:
@@ -118,6 +163,7 @@ class EventProducer:
             linger_ms=s.linger_ms,
             batch_size=s.batch_size,
             compression_type=None if s.compression_type in (None, "none") else s.compression_type,
+            partitioner=_key_partitioner(),
             delivery_timeout_ms=s.delivery_timeout_ms,
             request_timeout_ms=max(1000, s.delivery_timeout_ms - s.linger_ms - 500),
             max_block_ms=2000,
