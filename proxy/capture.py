@@ -209,6 +209,8 @@ class CapturedEvent:
         return event
 
     def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name == "data":  # copy/pickle probes, or a half-built instance
+            raise AttributeError(name)
         try:
             return self.data[name]
         except KeyError:
