@@ -60,13 +60,24 @@ def scrape(url: str) -> dict[str, float]:
 
 
 def process_stats(pid: int) -> dict[str, float]:
-    """RSS (bytes) and open file descriptors of one process, from /proc."""
+    """RSS (bytes), open file descriptors other than sockets, and sockets of one process, from /proc."""
     rss = 0
     with open(f"/proc/{pid}/status") as f:
         for line in f:
             if line.startswith("VmRSS:"):
                 rss = int(line.split()[1]) * 1024
-    return {"rss": float(rss), "fds": float(len(os.listdir(f"/proc/{pid}/fd")))}
+    sockets = files = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:"):
+            sockets += 1
+        else:
+            files += 1
+    # Sockets come and go with client connections; a leak shows in files (and in sockets at rest).
+    return {"rss": float(rss), "fds": float(files), "sockets": float(sockets)}
 
 
 def child_pid(parent: int, needle: str, timeout_s: float = 20.0) -> int:
