@@ -304,8 +304,10 @@ def shadow_check(candidate_scores: Sequence[float | None], production_scores: Se
 
     pairs = [(c, p) for c, p in zip(candidate_scores, production_scores) if c is not None and p is not None]
     if len(pairs) < min_pairs:
+        means = (f"; on those, candidate {np.mean([c for c, _ in pairs]):.2f} vs production "
+                 f"{np.mean([p for _, p in pairs]):.2f}") if pairs else ""
         return ShadowResult(False, f"only {len(pairs)} mirrored requests scored by a validated reward "
-                                   f"(needs {min_pairs})", {"n": len(pairs)})
+                                   f"(needs {min_pairs}){means}", {"n": len(pairs)})
     m, lo = paired_lower_bound([c - p for c, p in pairs], confidence, 2000, seed)
     ev = {"n": len(pairs), "candidate": float(np.mean([c for c, _ in pairs])),
           "production": float(np.mean([p for _, p in pairs])), "gain": m, "gain_lower": lo}

@@ -115,6 +115,7 @@ class ReleaseSettings:
     canary: CanarySettings = field(default_factory=CanarySettings)
     poll_s: float = 2.0
     settle_s: float = 3.0
+    progress_s: float = 30.0
 
 
 @dataclass
@@ -222,7 +223,18 @@ class Releaser:
     def _drive(self, c: CanaryController) -> str:
         metrics.CANARY_STATE.set(2)
         feed = WarehouseCanaryFeed(self.wh, self.settings.public_model, c.started_at_unix, self.settings.settle_s)
-        d = run_canary(c, feed, self.settings.poll_s, self.stop)
+        last = [0.0]
+
+        def progress(ev: dict) -> None:  # one line every progress_s: what the canary has seen so far
+            if time.monotonic() - last[0] >= self.settings.progress_s:
+                last[0] = time.monotonic()
+                self.report({"canary_progress": c.candidate, "candidate_n": ev["candidate"]["n"],
+                             "candidate_rate": ev["candidate"]["rate"], "production_n": ev["production"]["n"],
+                             "production_rate": ev["production"]["rate"],
+                             "p_candidate_worse": round(ev["p_candidate_worse"], 4),
+                             "elapsed_s": round(ev["elapsed_s"], 1)})
+
+        d = run_canary(c, feed, self.settings.poll_s, self.stop, progress)
         self._flush()
         metrics.CANARY_STATE.set(0)
         if d is None:

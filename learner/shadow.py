@@ -15,8 +15,9 @@ How it is scored: each mirrored request is assigned to its task family (the roun
 assignment; requests newer than the round are assigned by re-running family discovery on the round's
 trajectories plus the sample -- family ids are stable under appends) and both answers are scored by
 that family's :class:`learner.trainer.ValidatedObjective` -- the same validated rewards the gate uses.
-A reward that does not apply (None) drops the pair; :func:`learner.canary.shadow_check` decides
-(a paired lower bound above ``-tolerance``, at least ``min_pairs`` scored pairs).
+Where no validated reward applies to either answer the pair is dropped; where it applies to only one,
+the other scores 0 (``ShadowSettings.unvouched_as_zero`` says why); :func:`learner.canary.shadow_check`
+decides (a paired lower bound above ``-tolerance``, at least ``min_pairs`` scored pairs).
 
 Why a separate stage from the gate: the gate compares the policies in the learner's own process on
 the environment pools; the shadow checks what vLLM actually serves from the *published* files, on
@@ -43,7 +44,13 @@ log = logging.getLogger(__name__)
 class ShadowSettings:
     """``sample``: mirrored requests replayed to each policy. ``max_age_s``: only requests newer than
     this are mirrored. ``tolerance``/``confidence``/``min_pairs``: see ``canary.shadow_check``.
-    ``concurrency``: replays in flight to the replica at once (vLLM batches them)."""
+    ``concurrency``: replays in flight to the replica at once (vLLM batches them).
+    ``unvouched_as_zero``: where one policy's answer is scored by a validated reward and the other's
+    is not (no grounded reward recognises it: not a remembered answer, not near a correction, no
+    verifier applies), the unrecognised one scores 0 for that pair instead of dropping the pair. The
+    rewards are grounded in what users judged; an answer outside all of it has no evidence of being
+    good, and a policy that drifts there (a broken adapter answering garbage) must not pass by
+    making its pairs disappear. Answers neither policy's reward recognises still drop the pair."""
 
     sample: int = 48
     max_age_s: float = 3600.0
@@ -53,6 +60,7 @@ class ShadowSettings:
     concurrency: int = 4
     timeout_s: float = 120.0
     seed: int = 0
+    unvouched_as_zero: bool = True
 
 
 def recent_requests(warehouse, public_model: str, n: int, max_age_s: float,
@@ -118,6 +126,7 @@ def run_shadow(replica: str, candidate: str, production: str, sample: Sequence[T
     c_scores: list[float | None] = []
     p_scores: list[float | None] = []
     per_family: dict[str, dict[str, float]] = {}
+    unvouched = {"candidate": 0, "production": 0}
     for t, c, p in zip(scorable, cand, prod):
         fid = family_of[t.interaction_id]
         if c is None or p is None:
@@ -125,6 +134,9 @@ def run_shadow(replica: str, candidate: str, production: str, sample: Sequence[T
             p_scores.append(None)
             continue
         cs, ps = objectives[fid].score([t, t], [c, p])
+        if s.unvouched_as_zero and (cs is None) != (ps is None):
+            unvouched["candidate" if cs is None else "production"] += 1
+            cs, ps = (0.0 if cs is None else cs), (0.0 if ps is None else ps)
         c_scores.append(cs)
         p_scores.append(ps)
         f = per_family.setdefault(fid, {"n": 0, "candidate": 0.0, "production": 0.0})
@@ -139,7 +151,7 @@ def run_shadow(replica: str, candidate: str, production: str, sample: Sequence[T
     result = shadow_check(c_scores, p_scores, s.tolerance, s.confidence, s.min_pairs, s.seed)
     evidence = {**result.evidence, "mirrored": len(sample), "with_validated_reward": len(scorable),
                 "replay_failed": sum(c is None or p is None for c, p in zip(cand, prod)),
-                "candidate_unscored": sum(c is not None and cs is None for c, cs in zip(cand, c_scores)),
+                "unvouched_scored_zero": unvouched,
                 "families": per_family, "replica": replica, "candidate_model": candidate,
                 "production_model": production, "settings": s.__dict__}
     return ShadowResult(result.passed, result.reason, evidence)
