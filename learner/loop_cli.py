@@ -69,14 +69,9 @@ def _releaser(args, base_served_name: str, wh, registry):
     from learner.release import Releaser, ReleaseSettings
     from learner.serving import onpolicy_home
     from learner.shadow import ShadowSettings
-    from streams.errors import OnpolicyUserError
     from streams.producer import EventProducer
     from streams.settings import KafkaSettings, ProducerSettings
 
-    if not 0.0 < args.canary_fraction <= 1.0:
-        raise OnpolicyUserError(f"--canary-fraction must be in (0, 1], got {args.canary_fraction}")
-    if args.canary_max_requests < 1 or args.canary_max_seconds <= 0:
-        raise OnpolicyUserError("--canary-max-requests and --canary-max-seconds must be positive")
     producer = EventProducer(KafkaSettings(), ProducerSettings(spool_dir=onpolicy_home() / "spool" / "learner"))
     routed = lambda: [v.name for v in registry.versions(args.family) if v.status in ("canary", "production")]  # noqa: E731
     publisher = Publisher(args.publish_to, args.dir / "published", producer, routed=routed)
@@ -96,7 +91,15 @@ def _run(args) -> int:
     from learner.trainer import TrainerSettings
 
     from learner import metrics
+    from streams.errors import OnpolicyUserError
 
+    if not 0.0 < args.canary_fraction <= 1.0:
+        raise OnpolicyUserError(f"--canary-fraction must be in (0, 1], got {args.canary_fraction}")
+    if args.canary_max_requests < 1 or args.canary_max_seconds <= 0:
+        raise OnpolicyUserError("--canary-max-requests and --canary-max-seconds must be positive")
+    if args.shadow_requests < args.shadow_min_pairs:
+        raise OnpolicyUserError(f"--shadow-requests ({args.shadow_requests}) must be at least --shadow-min-pairs "
+                                f"({args.shadow_min_pairs}): the shadow could never pass")
     if args.metrics_port is not None:
         port = metrics.serve(args.metrics_port)
         print(json.dumps({"metrics": f"http://127.0.0.1:{port}/metrics"}), flush=True)
