@@ -90,6 +90,12 @@ def test_a_canary_in_flight_resumes_after_a_restart(warehouse, tmp_path, make_ad
     served(warehouse, "m", cand.name, [0.0] * 14 + [1.0], now, "c")
     served(warehouse, "m", "", [1.0] * 12 + [0.0] * 3, now, "p")
 
+    from prometheus_client import REGISTRY
+
+    def rollbacks() -> float:
+        return REGISTRY.get_sample_value("onpolicy_learner_canary_decisions_total", {"decision": "rollback"}) or 0.0
+
+    before = rollbacks()
     second, publisher = CollectingProducer(), RecordingPublisher()
     _, rel = _releaser(warehouse, tmp_path, second, publisher)
     rel.settings = ReleaseSettings(**{**rel.settings.__dict__, "settle_s": 0.0, "poll_s": 0.1})
@@ -102,6 +108,22 @@ def test_a_canary_in_flight_resumes_after_a_restart(warehouse, tmp_path, make_ad
     ev = json.loads(decided[-1]["evidence"])
     assert ev["candidate"]["n"] >= 10 and ev["production"]["n"] >= 1  # observations re-read from the warehouse
     assert reg.get(cand.name).status == "rolled_back"
+    assert rollbacks() == before + 1
+    assert REGISTRY.get_sample_value("onpolicy_learner_canary_observations", {"arm": "candidate"}) == ev["candidate"]["n"]
+
+
+def test_learner_metrics_are_served():
+    import urllib.request
+
+    from learner import metrics
+
+    metrics.record_step({"round": 3, "step": 7, "reward": 0.5, "kl": 0.01, "rollout_tok_s": 120.0})
+    port = metrics.serve(0)
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    for line in ("onpolicy_learner_round 3.0", "onpolicy_learner_reward 0.5", "onpolicy_learner_kl 0.01",
+                 "onpolicy_learner_rollout_tokens_per_second 120.0"):
+        assert line in text
+    assert "onpolicy_learner_steps_total" in text and "onpolicy_learner_canary_state" in text
 
 
 def test_a_canary_that_cannot_be_resumed_is_concluded_safely(warehouse, tmp_path, make_adapter, tiny_model):
