@@ -153,3 +153,30 @@ def test_release_refuses_a_candidate_that_failed_the_gate(warehouse, tmp_path, m
     with pytest.raises(NotRoutable):
         rel(v)
     assert publisher.published == [] and producer.events == []
+
+
+def test_the_loop_hands_a_gated_adapter_and_its_round_to_ship(warehouse, tmp_path, tiny_model):
+    """ship(version, context) gets the gated version with the round's families, validated objectives
+    and trajectories (what the shadow needs), and its outcome is the round's ``release``."""
+    from learner.loop import LearningLoop, LoopSettings
+    from learner.trainer import TrainerSettings
+    from tests.integration.test_learning_resume import _log
+
+    got = []
+
+    def ship(version, context):
+        got.append((version, context))
+        return "rolled_back"
+
+    log = _log(1500)
+    loop = LearningLoop(tiny_model.path, log, AdapterRegistry(warehouse, tmp_path / "a"), tmp_path / "ckpt",
+                        TrainerSettings(threads=1, group_size=4, prompts_per_step=4, max_new_tokens=8),
+                        LoopSettings(min_new_feedback=500, steps_per_round=1, checkpoint_every=1),
+                        gate=lambda policy, prod, envs, objs: GateResult(True, "passed: test gate", {}, {}), ship=ship)
+    r = loop.run_round()
+    assert r.release == "rolled_back" and len(got) == 1
+    version, ctx = got[0]
+    assert version.name == r.adapter and version.status == "gated"
+    assert ctx.objectives and set(ctx.objectives) <= set(ctx.envs.environments)
+    assert len(ctx.trajectories) == 1500
+    assert loop.state["committed"] == 1500  # the window is committed after ship returned
