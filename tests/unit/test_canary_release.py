@@ -157,7 +157,8 @@ def test_release_refuses_a_candidate_that_failed_the_gate(warehouse, tmp_path, m
 
 def test_the_loop_hands_a_gated_adapter_and_its_round_to_ship(warehouse, tmp_path, tiny_model):
     """ship(version, context) gets the gated version with the round's families, validated objectives
-    and trajectories (what the shadow needs), and its outcome is the round's ``release``."""
+    and trajectories (what the shadow needs), and its outcome is the round's ``release``; the stored
+    rewards are re-validated when the round starts."""
     from learner.loop import LearningLoop, LoopSettings
     from learner.trainer import TrainerSettings
     from tests.integration.test_learning_resume import _log
@@ -168,7 +169,13 @@ def test_the_loop_hands_a_gated_adapter_and_its_round_to_ship(warehouse, tmp_pat
         got.append((version, context))
         return "rolled_back"
 
+    from learner.environments.build import build_environments
+    from learner.rewards.build import build_rewards, save_rewards
+
     log = _log(1500)
+    # rewards stored earlier (``onpolicy rewards build``): the round re-validates them on its window
+    first = log.read(0, 1000)
+    save_rewards(warehouse, build_rewards(build_environments(first), first))
     loop = LearningLoop(tiny_model.path, log, AdapterRegistry(warehouse, tmp_path / "a"), tmp_path / "ckpt",
                         TrainerSettings(threads=1, group_size=4, prompts_per_step=4, max_new_tokens=8),
                         LoopSettings(min_new_feedback=500, steps_per_round=1, checkpoint_every=1),
@@ -180,3 +187,4 @@ def test_the_loop_hands_a_gated_adapter_and_its_round_to_ship(warehouse, tmp_pat
     assert ctx.objectives and set(ctx.objectives) <= set(ctx.envs.environments)
     assert len(ctx.trajectories) == 1500
     assert loop.state["committed"] == 1500  # the window is committed after ship returned
+    assert warehouse.query("SELECT count() FROM {db}.reward_validations FINAL WHERE purpose = 'revalidation'")[0][0] > 0
