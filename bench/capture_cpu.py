@@ -81,7 +81,8 @@ def make_frames() -> dict[str, bytes]:
         req = make_request(stream)
         body = orjson.dumps(req)
         now = time.perf_counter()
-        ex = Exchange(endpoint="/chat/completions", interaction_id="chatcmpl-op1.0a1b2c3d4e5f.9f8e7d6c", public_model="shop-assistant",
+        ex = Exchange(endpoint="/chat/completions", interaction_id="chatcmpl-op1.0a1b2c3d4e5f.9f8e7d6c",
+                      public_model="shop-assistant",
                       request=req, t0=now - 0.2, upstream="http://127.0.0.1:8000/v1", upstream_model="shop-assistant-v0007",
                       adapter_version="shop-assistant-v0007", stream=stream, status=200, t_first=now - 0.15, t_end=now,
                       handed_at=time.time(), request_body=body, episode_id="ep-42", user_id="customer-7731")

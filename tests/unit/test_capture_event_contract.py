@@ -18,10 +18,14 @@ from proxy.redaction import _RULES, RegexRedactor
 from streams.events import InteractionEvent, decode
 from streams.producer import event_key
 
-SSE = (b'data: {"id":"c1","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]}\n\n'
-       b'data: {"id":"c1","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"content":"call +1 415 555 0100"},"logprobs":null,"finish_reason":null}]}\n\n'
-       b'data: {"id":"c1","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{},"logprobs":null,"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}\n\n'
-       b"data: [DONE]\n\n")
+def _chunk(delta: dict, finish: str | None = None, **extra) -> bytes:
+    ch = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+          "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}], **extra}
+    return b"data: " + orjson.dumps(ch) + b"\n\n"
+
+
+SSE = (_chunk({"role": "assistant", "content": ""}) + _chunk({"content": "call +1 415 555 0100"})
+       + _chunk({}, "stop", usage={"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}) + b"data: [DONE]\n\n")
 
 
 class Keep:
@@ -45,8 +49,9 @@ def _exchange(**kw) -> Exchange:
 
 
 BODY = orjson.dumps({"id": "x", "object": "chat.completion", "created": 1, "model": "m", "choices": [
-    {"index": 0, "message": {"role": "assistant", "content": "ok é 🙂"}, "logprobs": {"content": [{"token": "ok", "logprob": -0.5}]},
-     "finish_reason": "stop"}], "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6}})
+    {"index": 0, "message": {"role": "assistant", "content": "ok é 🙂"},
+     "logprobs": {"content": [{"token": "ok", "logprob": -0.5}]}, "finish_reason": "stop"}],
+    "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6}})
 
 CASES = {
     "json": dict(body=BODY),
@@ -55,7 +60,8 @@ CASES = {
     "unreachable": dict(status=502, error="cannot connect", handed_at=None),
     "abandoned": dict(stream=True, chunks=[SSE[:250]], abandoned=True),
     "opt_out": dict(body=BODY, train_opt_out=True, episode_id="ep", user_id="u", tenant="t"),
-    "object": dict(response={"id": "h", "choices": [{"index": 0, "finish_reason": "length"}], "usage": {"input_tokens": 2, "output_tokens": 3, "total_tokens": 5}}),
+    "object": dict(response={"id": "h", "choices": [{"index": 0, "finish_reason": "length"}],
+                             "usage": {"input_tokens": 2, "output_tokens": 3, "total_tokens": 5}}),
     "not_json": dict(body=b"<html>bad gateway</html>", status=200),
     "list_body": dict(body=b"[1, 2]"),
 }
@@ -90,9 +96,11 @@ def test_fast_detectors_redact_exactly_like_the_plain_regexes():
     rng = random.Random(7)
     alphabet = "0123456789" * 4 + " .-+()@_" * 3 + "abcxyzAKIBskghpoBearer" + "\u0663\u00e9\x00"
     pieces = ["+1 415 555 0100", "(415) 555-0100", "me@ex.com", "sk-" + "a" * 20, "ghp_" + "b" * 24, "xoxb-" + "1" * 12,
-              "AKIA" + "Q" * 16, "Bearer " + "t" * 20, "+4915155501000", "42.50", "2026-11-26", "123.456.7890", "\u0663" * 3 + "-456-7890"]
+              "AKIA" + "Q" * 16, "Bearer " + "t" * 20, "+4915155501000", "42.50", "2026-11-26", "123.456.7890",
+              "\u0663" * 3 + "-456-7890"]
     for _ in range(3000):
-        text = "".join(rng.choice(pieces) if rng.random() < 0.15 else rng.choice(alphabet) for _ in range(rng.randint(0, 40)))
+        text = "".join(rng.choice(pieces) if rng.random() < 0.15 else rng.choice(alphabet)
+                       for _ in range(rng.randint(0, 40)))
         assert fast.redact(text) == plain.redact(text), text
     assert fast.counts == plain.counts
 
@@ -103,7 +111,8 @@ def _stream(rng: random.Random) -> bytes:
     n = rng.randint(1, 12)
     events = []
     for i in range(n):
-        delta = {"role": "assistant", "content": ""} if i == 0 else {"content": "".join(rng.choice(texts) for _ in range(rng.randint(0, 3)))}
+        delta = ({"role": "assistant", "content": ""} if i == 0
+                 else {"content": "".join(rng.choice(texts) for _ in range(rng.randint(0, 3)))})
         ch = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
               "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": "stop" if i == n - 1 else None}]}
         if rng.random() < 0.1:
