@@ -70,6 +70,10 @@ class BatchConsumer:
             # is group.min.session.timeout.ms = 6 s).
             session_timeout_ms=10_000,
             heartbeat_interval_ms=2_000,
+            # kafka-python backs off reconnects exponentially up to 30 s by default: after a 30 s broker
+            # outage the sink then sat idle ~27 s after the broker was back (chaos suite). Retry each second.
+            reconnect_backoff_ms=100,
+            reconnect_backoff_max_ms=1000,
         )
         consumer.subscribe(self.topics)
         return consumer
