@@ -294,7 +294,7 @@ class CanaryController:
 class ShadowResult:
     passed: bool
     reason: str
-    evidence: Mapping[str, float]
+    evidence: Mapping[str, Any]
 
 
 def shadow_check(candidate_scores: Sequence[float | None], production_scores: Sequence[float | None],

@@ -38,7 +38,7 @@ import datetime as dt
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from learner import metrics
@@ -280,7 +280,3 @@ class Releaser:
             if v.status == "canary":
                 out.append((v.name, self._resume(v)))
         return out
-
-
-def settings_dict(s: ReleaseSettings) -> dict[str, Any]:
-    return asdict(s)
