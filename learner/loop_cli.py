@@ -19,6 +19,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--min-new-feedback", type=int, default=500, help="judged interactions that start a round")
     run.add_argument("--steps", type=int, default=40, help="GRPO steps per round")
     run.add_argument("--threads", type=int, default=1, help="torch threads (1 was fastest under load on 2 cores)")
+    # lr 2e-3 / beta 0.02 (the trainer's defaults) failed the gate's forgetting suite in most demo rounds
+    # (22-45 points lost on arithmetic, docs/learning-curve.md); 1e-3 / 0.05 is what the trajectory-level
+    # learning test (tests/integration/test_learning_e2e.py) learns with inside the 2-point bound.
+    run.add_argument("--lr", type=float, default=1e-3, help="LoRA learning rate")
+    run.add_argument("--kl-beta", type=float, default=0.05, help="weight of the KL guard to the base")
     run.add_argument("--rounds", type=int, default=None, help="stop after this many rounds (default: forever)")
     run.add_argument("--publish-to", action="append", default=None, metavar="VLLM_BASE_URL",
                      help="vLLM replica(s) (…/v1) to publish gated adapters to; repeat for several")
@@ -111,7 +116,7 @@ def _run(args) -> int:
     if ship is not None:
         for name, outcome in ship.recover():  # a canary left running by a killed learner
             print(json.dumps({"recovered_canary": name, "outcome": outcome}), flush=True)
-    ts = TrainerSettings(threads=args.threads)
+    ts = TrainerSettings(threads=args.threads, lr=args.lr, beta=args.kl_beta)
 
     def on_step(rec: dict) -> None:
         metrics.record_step(rec)
