@@ -565,7 +565,11 @@ def test_soak_steady_load(stack):
     assert land.lost == 0 and land.duplicates == 0
     assert_gap_closed(gap)
     # flat: no descriptor leak, bounded memory growth, the spool is trimmed as events are acknowledged
-    assert all(b <= a + 8 for a, b in rest.values()), f"descriptors left open after the load: {rest}"
+    # The sink's embedded ClickHouse opens part files and starts pool threads (eventfds, pipes) lazily
+    # as load comes; they level off rather than grow per request. Measured 226 -> 238 over a 120 s
+    # soak (docs/reliability.md); a leak per batch would be hundreds.
+    allowed = {"sink": 32}
+    assert all(b <= a + allowed.get(n, 8) for n, (a, b) in rest.items()), f"descriptors left open after the load: {rest}"
     assert sockets_after["proxy"] <= 2 * 128 + 32, sockets_after  # bounded by the load's concurrency
     assert slopes.get("proxy RSS MiB", 0) < 20 and slopes.get("capture worker RSS MiB", 0) < 20, slopes
     assert slopes.get("spool MiB", 0) < 20, slopes
