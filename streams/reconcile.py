@@ -19,7 +19,9 @@ it to capture (``Exchange.handed_at``), and a feedback event's ``ts`` is the min
 
 What it cannot see: counts a replica had not reported yet when it was SIGKILLed (at most
 ``interval_s`` of traffic). Those events land without a count and show as
-``onpolicy_reconcile_untallied_*`` (landed minus served where positive), never as missing.
+``onpolicy_reconcile_untallied_*`` (landed minus served where positive), never as missing. And when
+nothing lands at all (the sink stuck, the broker unreadable) the tallies stop landing too and the gap
+reads 0: ``onpolicy_reconcile_latest_tally_timestamp_seconds`` going stale is the signal then.
 Feedback landed is compared for ``source = 'explicit'`` (only the feedback API writes those).
 """
 
@@ -140,6 +142,7 @@ class Reconciliation:
     missing_feedback: int = 0
     untallied_feedback: int = 0
     worst: list[tuple[dt.datetime, int, int]] = field(default_factory=list)  # (minute, served, landed) with a gap
+    latest_tally: dt.datetime | None = None  # newest minute any replica reported (all time)
 
 
 def reconcile(warehouse, start: dt.datetime, end: dt.datetime) -> Reconciliation:
@@ -156,6 +159,11 @@ def reconcile(warehouse, start: dt.datetime, end: dt.datetime) -> Reconciliation
         "SELECT intDiv(toUnixTimestamp(ts), 60) AS m, uniqExact(event_id) FROM {db}.feedback "
         f"WHERE source = 'explicit' AND ts >= toDateTime64({lo}, 3, 'UTC') AND ts < toDateTime64({hi}, 3, 'UTC') GROUP BY m")}
     r = Reconciliation(dt.datetime.fromtimestamp(lo, dt.timezone.utc), dt.datetime.fromtimestamp(hi, dt.timezone.utc))
+    # When nothing lands at all, tallies stop landing too and every minute looks balanced: the age of
+    # the newest tally is what shows that (alert on it).
+    latest = warehouse.query("SELECT max(toUnixTimestamp(minute)), count() FROM {db}.tallies")[0]
+    if latest[1]:
+        r.latest_tally = dt.datetime.fromtimestamp(int(latest[0]), dt.timezone.utc)
     for m in sorted(set(served) | set(landed_i) | set(landed_f)):
         si, sf = served.get(m, (0, 0))
         li, lf = landed_i.get(m, 0), landed_f.get(m, 0)
@@ -235,6 +243,8 @@ class ReconcileCollector(Collector):
                 ("accepted_feedback", r.accepted_feedback, f"Feedback events accepted over {window}."),
                 ("landed_feedback", r.landed_feedback, f"Distinct explicit feedback events landed over {window}."),
                 ("window_end_timestamp_seconds", r.end.timestamp(), "End (exclusive) of the minutes last reconciled."),
+                ("latest_tally_timestamp_seconds", r.latest_tally.timestamp() if r.latest_tally else 0.0,
+                 "Newest minute any proxy replica's tally landed for: stale while nothing lands (the gap is blind then)."),
             ):
                 g = GaugeMetricFamily(f"onpolicy_reconcile_{name}", help_)
                 g.add_metric([], value)

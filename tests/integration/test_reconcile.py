@@ -38,6 +38,7 @@ def test_missing_counts_served_but_not_landed_per_minute_across_replicas(warehou
     assert r.missing_interactions == 1  # minute 0: 7 served, 6 landed -- not hidden by minute 1's surplus
     assert r.untallied_interactions == 1  # minute 1: landed without a report (a replica died before reporting)
     assert (r.accepted_feedback, r.landed_feedback, r.missing_feedback) == (2, 2, 0)
+    assert r.latest_tally == minute2  # the newest minute reported, for the staleness alert
     # outside the window: nothing
     later = reconcile(warehouse, T0 + dt.timedelta(minutes=5), T0 + dt.timedelta(minutes=10))
     assert later.served_interactions == later.landed_interactions == 0
