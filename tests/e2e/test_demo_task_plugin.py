@@ -26,7 +26,6 @@ from proxy.api_keys import ensure_key_file
 from proxy.settings import ProxySettings
 from proxy.testing import RunningProxy
 from streams.embedded import free_port
-from streams.events import FeedbackEvent, InteractionEvent
 
 REPO = Path(__file__).parents[2]
 
@@ -61,9 +60,11 @@ class Collector:
             self.events.append(event)
         return True
 
-    def of(self, kind):
+    def of(self, event_type: str):
+        # by event_type, not class: capture hands the producer a CapturedEvent (the interaction as
+        # its serialized dict, proxy/capture.py), not the pydantic InteractionEvent
         with self.lock:
-            return [e for e in self.events if isinstance(e, kind)]
+            return [e for e in self.events if e.event_type == event_type]
 
 
 @pytest.fixture
@@ -104,11 +105,11 @@ def test_demo_runs_a_task_class_defined_only_in_a_test_file(standin, tmp_path):
     assert "Traceback" not in out.stderr and "(failed 0)" in out.stdout, out.stdout + out.stderr[-2000:]
 
     # the requests were the class's own, through the proxy's OpenAI door
-    interactions = collector.of(InteractionEvent)
+    interactions = collector.of("interaction")
     prompts = [e.request["messages"][0]["content"] for e in interactions]
     assert len(prompts) >= 5 and all(p.startswith("Say the code word: ") for p in prompts), prompts[:5]
     # its feedback bodies came through the feedback API, on the interaction ids the proxy issued
-    feedback = collector.of(FeedbackEvent)
+    feedback = collector.of("feedback")
     ids = {e.interaction_id for e in interactions}
     assert feedback and {f.interaction_id for f in feedback} <= ids
     assert {f.kind for f in feedback} == {"thumbs", "correction"}
