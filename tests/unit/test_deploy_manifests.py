@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import copy
+import datetime as dt
 import functools
 import hashlib
 import os
@@ -632,10 +633,12 @@ def _exported_metric_names() -> set[str]:
 
     from prometheus_client import REGISTRY, CollectorRegistry
 
+    import learner.metrics  # noqa: F401  (the learner's loop, gate, shadow and canary metrics)
     import learner.publisher  # noqa: F401  (registers the publisher's metrics in the default registry)
     from proxy.apis import ApiMetrics
     from proxy.metrics import CaptureCollector, ProxyMetrics
     from streams.producer import ProducerCollector
+    from streams.reconcile import ReconcileCollector, Reconciliation
     from streams.sink import SinkCollector
 
     proxy = ProxyMetrics()
@@ -647,6 +650,9 @@ def _exported_metric_names() -> set[str]:
     stats = dict.fromkeys(("accepted", "sent", "spooled", "replayed", "overflowed", "dropped", "send_failures",
                            "corrupt_records", "spool_bytes", "backlog_bytes"), 0)
     others.register(ProducerCollector(NS(stats=lambda: stats, connected=True)))
+    now = dt.datetime.now(dt.timezone.utc)
+    others.register(ReconcileCollector(NS(last=Reconciliation(start=now, end=now, latest_tally=now), lookback_s=900.0,
+                                          settle_s=120.0, last_success_ts=0.0, failures=0)))
     others.register(SinkCollector(NS(landed={}, dead_letters=0, consumer=NS(failures=0, failing=False), last_batch_s=0.0)))
     names = set()
     for registry in (proxy.registry, others, REGISTRY):
