@@ -54,15 +54,22 @@ def _table(rows: list[dict], columns: tuple[str, ...]) -> list[str]:
     return out
 
 
-def render() -> str | None:
-    """docs/reliability.md from this session's rows; None when no row was recorded."""
-    if not ROWS.exists():
-        return None
-    rows = [json.loads(line) for line in ROWS.read_text().splitlines() if line.strip()]
+def render(*row_files: Path, commit: str | None = None) -> str | None:
+    """docs/reliability.md from this session's rows (or from ``row_files``, later files replacing a
+    fault of the same name); None when no row was recorded."""
+    rows: list[dict] = []
+    for path in row_files or (ROWS,):
+        if not path.exists():
+            continue
+        for line in path.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                name = row.get("fault") or row.get("check")
+                rows = [r for r in rows if (r.get("fault") or r.get("check")) != name] + [row]
     if not rows:
         return None
     try:
-        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+        commit = commit or subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
                                 text=True, timeout=10).stdout.strip() or "unknown"
         dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
                                capture_output=True, text=True, timeout=10).stdout.strip()
@@ -91,3 +98,20 @@ def render() -> str | None:
         "",
     ]
     return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    # python -m tests.chaos.report ROWS.jsonl... [--commit SHA]: the table from several sessions' rows
+    # (e.g. the CI run's plus a 600 s soak run on its own), written to docs/reliability.md.
+    import sys
+
+    args = sys.argv[1:]
+    sha = None
+    if "--commit" in args:
+        i = args.index("--commit")
+        sha, args = args[i + 1], args[:i] + args[i + 2:]
+    text = render(*map(Path, args), commit=sha)
+    if text is None:
+        raise SystemExit("no rows in " + " ".join(args))
+    DOC.write_text(text)
+    print(f"wrote {DOC}")
