@@ -6,7 +6,7 @@ The upstream for load faults is ``bench/standin_upstream.py`` -- a STAND-IN for 
 not vLLM: vLLM on 2 CPU cores answers a few requests per second, and these faults need hundreds.
 
 The warehouse lives on a small tmpfs of its own when this process may mount one (root), so the
-"disk full" fault is a real ENOSPC under chdb; elsewhere that fault is skipped with the reason.
+"disk full" fault is a real ENOSPC under chdb; elsewhere that fault fails, saying to run as root.
 """
 
 from __future__ import annotations
