@@ -5,6 +5,7 @@ completes a round's data to the new adapter being routable (round + registry + g
     python bench/learn.py            # everything, vLLM included (starts one vLLM-CPU server, ~40 s)
     python bench/learn.py --no-vllm  # in-process figures only
     python bench/learn.py --curve    # learning curve: true success on held-out prompts every 20 GRPO steps
+    python bench/learn.py --curve --device cuda   # the same on a GPU (bench/trainer_device.py: GPU vs CPU)
 
 Rollout shape = the trainer's: 8 prompts x 8 samples, up to 16 new tokens, temperature 1. vLLM
 gets the same 64 sequences as 8 concurrent requests with n=8 (its best case for this shape).
@@ -33,6 +34,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--curve", action="store_true")
+    ap.add_argument("--device", default="cpu", help="--curve: the trainer's device (cpu, cuda)")
+    ap.add_argument("--model-path", default=None, help="--curve: a built model directory instead of the cached tiny model")
     args = ap.parse_args()
     if args.curve:
         return curve(args)
@@ -134,26 +137,21 @@ def main() -> int:
     return 0
 
 
-def curve(args) -> int:
-    """True success (hidden truth, sampled answers at temperature 1, as served) on held-out prompts --
-    arithmetic pairs never seen in traffic, format requests drawn with another seed -- every 20 GRPO
-    steps of one round trained on validated rewards from 3,000 simulated judged interactions."""
+def curve_data(pol, out=print) -> dict:
+    """The curve's data: 3,000 simulated judged interactions answered by ``pol`` (held-out arithmetic
+    pairs left out), the environments and validated rewards built from them, and the held-out
+    evaluation prompts."""
     import zlib
 
     from learner.demo_tasks import ArithmeticTask, FormatTask
     from learner.environments.build import build_environments
     from learner.loop import simulated_trajectories
-    from learner.models import TINY, ensure_model
     from learner.rewards.build import build_rewards
-    from learner.trainer import GRPOTrainer, LoraPolicy, TrainerSettings, ValidatedObjective, evaluate_success, mean
+    from learner.trainer import ValidatedObjective
 
     def held(r):
         return zlib.crc32(r["messages"][-1]["content"].encode()) % 5 == 0
 
-    t0 = time.perf_counter()
-    model = ensure_model(TINY)
-    ts = TrainerSettings(threads=args.threads, lr=1e-3, beta=0.05)
-    pol = LoraPolicy(model.path, ts)
     ar, fm = ArithmeticTask(), FormatTask()
     rng = random.Random(0)
     reqs = [(t, r) for t in (ar, fm) for r in t.requests(rng, 1500) if t is not ar or not held(r)]
@@ -169,25 +167,71 @@ def curve(args) -> int:
     erng = random.Random(99)
     ev_a = [r for r in ar.requests(erng, 300) if held(r)][:60]
     ev_f = fm.requests(erng, 60)
-    trainer = GRPOTrainer(pol, objs)
-    fams = sorted(objs)
-    srng = random.Random(5)
-    t_train = time.perf_counter()
-    print(f"data + rewards: {t_train - t0:.0f} s; families with a validated reward: {len(objs)}")
-    print("step  train_s  reward  KL      arithmetic%  format%  mean%")
-    for step in range(0, args.steps + 1):
-        if step % 20 == 0:
-            a = 100 * mean(evaluate_success(pol, ev_a * 4, ar.score, greedy=False, seed=11))
-            f = 100 * mean(evaluate_success(pol, ev_f * 4, fm.score, greedy=False, seed=12))
-            print(f"{step:4d} {time.perf_counter() - t_train:8.0f}  {m.reward_mean if step else float('nan'):6.2f}  "
-                  f"{m.kl if step else float('nan'):6.3f}  {a:11.1f}  {f:7.1f}  {(a + f) / 2:5.1f}", flush=True)
-        if step == args.steps:
-            break
+    return {"envs": envs, "objs": objs, "ev_a": ev_a, "ev_f": ev_f, "ar": ar, "fm": fm}
+
+
+def curve_batches(data: dict, steps: int, prompts_per_step: int, seed: int = 5) -> list[list]:
+    """The prompts of each GRPO step: a family at random, then a prompt of its pool (as the curve draws them)."""
+    envs, fams = data["envs"], sorted(data["objs"])
+    srng = random.Random(seed)
+    out = []
+    for _ in range(steps):
         batch = []
-        for _ in range(ts.prompts_per_step):
+        for _ in range(prompts_per_step):
             pool = envs.environments[fams[srng.randrange(len(fams))]].train
             batch.append(pool[srng.randrange(len(pool))])
-        m = trainer.step(batch)
+        out.append(batch)
+    return out
+
+
+def curve_run(pol, data: dict, steps: int, every: int = 20, out=print, budget_s: float | None = None) -> dict:
+    """GRPO steps on ``pol`` with true success on the held-out prompts every ``every`` steps.
+    Returns the printed rows and every step's metrics. ``budget_s``: stop at the first evaluation
+    after this many seconds of training."""
+    from learner.trainer import GRPOTrainer, evaluate_success, mean
+
+    ar, fm, ev_a, ev_f = data["ar"], data["fm"], data["ev_a"], data["ev_f"]
+    trainer = GRPOTrainer(pol, data["objs"])
+    batches = curve_batches(data, steps, pol.settings.prompts_per_step)
+    rows, metrics, m = [], [], None
+    t_train = time.perf_counter()
+    out("step  train_s  reward  KL      arithmetic%  format%  mean%")
+    for step in range(0, steps + 1):
+        if step % every == 0 or step == steps:
+            a = 100 * mean(evaluate_success(pol, ev_a * 4, ar.score, greedy=False, seed=11))
+            f = 100 * mean(evaluate_success(pol, ev_f * 4, fm.score, greedy=False, seed=12))
+            row = {"step": step, "train_s": time.perf_counter() - t_train,
+                   "reward": m.reward_mean if m else float("nan"), "kl": m.kl if m else float("nan"),
+                   "arithmetic": a, "format": f, "mean": (a + f) / 2}
+            rows.append(row)
+            out(f"{step:4d} {row['train_s']:8.1f}  {row['reward']:6.2f}  {row['kl']:6.3f}  {a:11.1f}  {f:7.1f}  "
+                f"{row['mean']:5.1f}")
+        if step == steps:
+            break
+        if budget_s is not None and step % every == 0 and time.perf_counter() - t_train > budget_s:
+            out(f"stopped at step {step}: time budget of {budget_s:.0f} s spent")
+            break
+        t = time.perf_counter()
+        m = trainer.step(batches[step])
+        metrics.append({"step_s": time.perf_counter() - t, "rollout_s": m.rollout_s, "update_s": m.update_s,
+                        "answer_tokens": m.answer_tokens, "skipped": m.skipped})
+    return {"rows": rows, "steps": metrics}
+
+
+def curve(args) -> int:
+    """True success (hidden truth, sampled answers at temperature 1, as served) on held-out prompts --
+    arithmetic pairs never seen in traffic, format requests drawn with another seed -- every 20 GRPO
+    steps of one round trained on validated rewards from 3,000 simulated judged interactions."""
+    from learner.models import TINY, ensure_model
+    from learner.trainer import LoraPolicy, TrainerSettings
+
+    t0 = time.perf_counter()
+    path = args.model_path or ensure_model(TINY).path
+    ts = TrainerSettings(threads=args.threads, lr=1e-3, beta=0.05, device=args.device)
+    pol = LoraPolicy(path, ts)
+    data = curve_data(pol)
+    print(f"data + rewards: {time.perf_counter() - t0:.0f} s; families with a validated reward: {len(data['objs'])}")
+    curve_run(pol, data, args.steps)
     return 0
 
 
