@@ -60,12 +60,14 @@ def scrape(url: str) -> dict[str, float]:
 
 
 def process_stats(pid: int) -> dict[str, float]:
-    """RSS (bytes), open file descriptors other than sockets, and sockets of one process, from /proc."""
-    rss = 0
+    """RSS (bytes), threads, open file descriptors other than sockets, and sockets of one process, from /proc."""
+    rss = threads = 0
     with open(f"/proc/{pid}/status") as f:
         for line in f:
             if line.startswith("VmRSS:"):
                 rss = int(line.split()[1]) * 1024
+            elif line.startswith("Threads:"):
+                threads = int(line.split()[1])
     sockets = files = 0
     for fd in os.listdir(f"/proc/{pid}/fd"):
         try:
@@ -77,7 +79,7 @@ def process_stats(pid: int) -> dict[str, float]:
         else:
             files += 1
     # Sockets come and go with client connections; a leak shows in files (and in sockets at rest).
-    return {"rss": float(rss), "fds": float(files), "sockets": float(sockets)}
+    return {"rss": float(rss), "threads": float(threads), "fds": float(files), "sockets": float(sockets)}
 
 
 def child_pid(parent: int, needle: str, timeout_s: float = 20.0) -> int:

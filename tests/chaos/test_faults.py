@@ -528,6 +528,7 @@ def test_soak_steady_load(stack):
                 continue
             add(f"{name} RSS MiB", st["rss"] / 2**20)
             add(f"{name} fds", st["fds"])
+            add(f"{name} threads", st["threads"])
             add(f"{name} sockets", st["sockets"])
         add("spool MiB", stack.spool_bytes() / 2**20)
         try:
@@ -550,7 +551,7 @@ def test_soak_steady_load(stack):
     for k in sorted(slopes):
         vals = [v for _, v in series[k]]
         print(f"soak {k}: first {vals[0]:.1f}, last {vals[-1]:.1f}, max {max(vals):.1f}, slope {slopes[k]:+.2f}/min")
-    key = ("proxy RSS MiB", "capture worker RSS MiB", "sink RSS MiB", "proxy fds", "sink fds", "spool MiB")
+    key = ("proxy RSS MiB", "capture worker RSS MiB", "sink RSS MiB", "proxy fds", "sink fds", "sink threads", "spool MiB")
     row(f"soak {SOAK_S:.0f} s at steady load", res, land, gap,
         f"{STANDIN_NOTE}; slopes after warm-up (per minute): " +
         ", ".join(f"{k} {slopes.get(k, 0):+.2f}" for k in key) +
@@ -563,12 +564,15 @@ def test_soak_steady_load(stack):
     assert not res.failed, _errors(res)
     assert land.lost == 0 and land.duplicates == 0
     assert_gap_closed(gap)
-    # flat: no descriptor leak, bounded memory growth, the spool is trimmed as events are acknowledged
-    # The sink's embedded ClickHouse opens part files and starts pool threads (eventfds, pipes) lazily
-    # as load comes; they level off rather than grow per request. Measured 226 -> 238 over a 120 s
-    # soak (docs/reliability.md); a leak per batch would be hundreds.
-    allowed = {"sink": 32}
-    assert all(b <= a + allowed.get(n, 8) for n, (a, b) in rest.items()), f"descriptors left open after the load: {rest}"
+    # flat: no descriptor leak, bounded memory growth, the spool is trimmed as events are acknowledged.
+    # The sink's descriptors grew +16/min over a 10-minute soak until migration 0006 (serial removal of
+    # outdated parts: parallel removal left ~128 engine threads, each holding three procfs descriptors).
+    # Compared with the start of the load and with the end of warm-up (the engine starts a few pool
+    # threads as the first batches and merges come: 28 -> 35 threads in a 600 s soak, then flat).
+    warmed = {n: next((v for t, v in series.get(f"{n} fds", []) if t >= warm), a) for n, (a, _) in rest.items()}
+    assert all(b <= max(a, warmed[n]) + 8 for n, (a, b) in rest.items()), \
+        f"descriptors left open after the load: {rest} (after warm-up: {warmed})"
+    assert slopes.get("sink fds", 0) < 2 and slopes.get("sink threads", 0) < 1, slopes
     assert sockets_after["proxy"] <= 2 * 128 + 32, sockets_after  # bounded by the load's concurrency
     assert slopes.get("proxy RSS MiB", 0) < 20 and slopes.get("capture worker RSS MiB", 0) < 20, slopes
     assert slopes.get("spool MiB", 0) < 20, slopes

@@ -1,0 +1,11 @@
+ALTER TABLE {db}.interactions RESET SETTING concurrent_part_removal_threshold;
+ALTER TABLE {db}.feedback RESET SETTING concurrent_part_removal_threshold;
+ALTER TABLE {db}.control RESET SETTING concurrent_part_removal_threshold;
+ALTER TABLE {db}.dead_letters RESET SETTING concurrent_part_removal_threshold;
+ALTER TABLE {db}.environments RESET SETTING concurrent_part_removal_threshold;
+ALTER TABLE {db}.prompt_pools RESET SETTING concurrent_part_removal_threshold;
+ALTER TABLE {db}.rewards RESET SETTING concurrent_part_removal_threshold;
+ALTER TABLE {db}.reward_validations RESET SETTING concurrent_part_removal_threshold;
+ALTER TABLE {db}.adapter_versions RESET SETTING concurrent_part_removal_threshold;
+ALTER TABLE {db}.adapter_evaluations RESET SETTING concurrent_part_removal_threshold;
+ALTER TABLE {db}.tallies RESET SETTING concurrent_part_removal_threshold;
