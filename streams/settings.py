@@ -52,10 +52,15 @@ class ProducerSettings(BaseSettings):
     delivery_timeout_ms: int = Field(default=15000, ge=1000, description="Give up on one send after this long and retry from the spool.")
     max_in_flight_records: int = Field(default=20000, ge=1, description="Records sent but not yet acknowledged.")
     # Large, lingering batches: on the durable embedded broker every batch is one object in the S3
-    # store, and the sink reads them back one by one. 512 KiB / 20 ms took end-to-end landing from
-    # 3.4k to 7.4k events/s in bench/capture.py (quiet machine, 2026-11-26); the 20 ms is off the
-    # request path (emit() returns after the spool write).
-    linger_ms: int = Field(default=20, ge=0, description="Wait this long to fill a batch.")
+    # store (a PUT, a conditional watermark PUT, and the sink's GET), and s3rver spends ~3 ms of CPU
+    # per request. 512 KiB / 20 ms took end-to-end landing from 3.4k to 7.4k events/s in
+    # bench/capture.py (quiet machine, 2026-11-26). At a steady 100 req/s through the chaos stack
+    # 20 ms made ~2 events per batch: the store used 75% of a core and the capture worker 3.7 ms per
+    # request, and the stack could not hold 100 req/s for 10 minutes; 200 ms caps it at 5 batches
+    # per partition per second: store 31%, worker 0.7 ms, 200 req/s held with 0 failures (a
+    # 30 s run each, 2026-11-26). The wait is off the request path (emit() returns after the spool
+    # write); a control event reaches the other replicas up to that much later.
+    linger_ms: int = Field(default=200, ge=0, description="Wait this long to fill a batch.")
     compression_type: str | None = Field(default="lz4", description="Batch compression: lz4 (default), zstd, gzip or none. Events are repetitive JSON: compression cuts broker and disk bytes several-fold.")
     batch_size: int = Field(default=512 * 1024, ge=1024, description="Bytes per partition batch (compressed).")
 
