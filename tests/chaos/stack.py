@@ -6,7 +6,8 @@ The upstream for load faults is ``bench/standin_upstream.py`` -- a STAND-IN for 
 not vLLM: vLLM on 2 CPU cores answers a few requests per second, and these faults need hundreds.
 
 The warehouse lives on a small tmpfs of its own when this process may mount one (root), so the
-"disk full" fault is a real ENOSPC under chdb; elsewhere that fault fails, saying to run as root.
+"disk full" fault is a real ENOSPC under chdb and the "read-only" fault a real EROFS (a read-only bind
+mount); elsewhere those faults fail, saying to run as root.
 """
 
 from __future__ import annotations
@@ -251,6 +252,22 @@ class ChaosStack:
     def clear_warehouse_disk(self) -> None:
         for name in ("chaos-ballast", "chaos-ballast-tail"):
             (self.warehouse_dir / name).unlink(missing_ok=True)
+
+    def make_warehouse_read_only(self) -> None:
+        """Mount the warehouse's directory over itself, read-only (needs root). From then on every
+        file the engine creates, renames or opens for writing fails with EROFS, as after the kernel
+        remounts a failing disk read-only. Descriptors chdb already holds open stay writable (a plain
+        ``remount,ro`` is refused while they exist); new parts, renames and metadata files are not."""
+        d = str(self.warehouse_dir)
+        for cmd in (["mount", "--bind", d, d], ["mount", "-o", "remount,bind,ro", d]):
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode:
+                raise RuntimeError(f"{' '.join(cmd)} failed ({r.stderr.strip()}): the read-only fault needs root")
+
+    def clear_warehouse_read_only(self) -> None:
+        r = subprocess.run(["umount", str(self.warehouse_dir)], capture_output=True, text=True)  # the top (bind) mount
+        if r.returncode:
+            raise RuntimeError(f"umount of the read-only bind mount failed: {r.stderr.strip()}")
 
     # -- observation --------------------------------------------------------------------------
     def warehouse(self):

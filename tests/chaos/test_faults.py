@@ -325,7 +325,7 @@ def test_learner_sigkill_mid_round_is_covered():
                  "uninterrupted one, one version not two, and the next window starts where the first ended"})
 
 
-# -- 5. warehouse disk full ------------------------------------------------------------------------
+# -- 5. warehouse disk full or read-only -----------------------------------------------------------
 def _committed(stack: ChaosStack) -> int:
     from kafka import KafkaAdminClient
 
@@ -338,37 +338,50 @@ def _committed(stack: ChaosStack) -> int:
     return sum(o.offset for o in offsets.values() if getattr(o, "offset", None) is not None and o.offset >= 0)
 
 
-def test_warehouse_disk_full(stack):
+@pytest.mark.parametrize("fault", ["full", "read-only"])
+def test_warehouse_disk_fault(stack, fault):
     if not stack.tmpfs:
         pytest.fail("the warehouse is not on a tmpfs of its own (mounting one needs root): run the chaos suite as "
-                    "root so its disk can be filled for real")
+                    "root so its disk can be filled or made read-only for real")
     load = Load(stack, 30.0)
     time.sleep(5.0)
-    taken = stack.fill_warehouse_disk()
-    full_at = time.time()
+    if fault == "full":
+        taken = stack.fill_warehouse_disk()
+        how = f"{taken / 2**20:.0f} MiB ballast filled the disk"
+    else:
+        stack.make_warehouse_read_only()
+        how = "the warehouse directory bind-mounted read-only over itself (new files, renames: EROFS)"
+    broken_at = time.time()
     alerted_at = None
-    committed_full = []
-    while time.time() - full_at < 20:
-        m = stack.sink_metrics()
-        if m.get("onpolicy_sink_failing") == 1 and alerted_at is None:
-            alerted_at = time.time()
-        if alerted_at is not None:
-            committed_full.append(_committed(stack))
-        time.sleep(1)
-    failures = stack.sink_metrics().get("onpolicy_sink_batch_failures_total", 0)
-    stack.clear_warehouse_disk()
+    committed_broken = []
+    try:
+        while time.time() - broken_at < 20:
+            m = stack.sink_metrics()
+            if m.get("onpolicy_sink_failing") == 1 and alerted_at is None:
+                alerted_at = time.time()
+            if alerted_at is not None:
+                committed_broken.append(_committed(stack))
+            time.sleep(1)
+        failures = stack.sink_metrics().get("onpolicy_sink_batch_failures_total", 0)
+    finally:
+        if fault == "full":
+            stack.clear_warehouse_disk()
+        else:
+            stack.clear_warehouse_read_only()
     cleared = time.time()
     drain = load.drain_timer(stack, cleared)
     res = load.result()
     land = wait_landed(stack, res, load.started, cleared, drain=drain)
     gap = reconciliation_gap(stack, time.time())
-    frozen = len(set(committed_full)) <= 1 if committed_full else None
-    row("warehouse disk full (chdb on a full tmpfs) for 20 s", res, land, gap,
-        f"{STANDIN_NOTE}; {taken / 2**20:.0f} MiB ballast filled the disk; onpolicy_sink_failing=1 after "
-        f"{(alerted_at - full_at) if alerted_at else float('nan'):.1f} s; {failures:.0f} batch failures; committed offsets "
-        f"frozen while full: {frozen}; cleared by deleting the ballast")
-    assert alerted_at is not None, "the sink never reported failing while its disk was full:\n" + stack.sink_log_tail()
-    assert frozen, f"committed offsets moved while the warehouse could not write: {committed_full}"
+    frozen = len(set(committed_broken)) <= 1 if committed_broken else None
+    label = "warehouse disk full (chdb on a full tmpfs)" if fault == "full" else "warehouse disk read-only"
+    row(f"{label} for 20 s", res, land, gap,
+        f"{STANDIN_NOTE}; {how}; onpolicy_sink_failing=1 after "
+        f"{(alerted_at - broken_at) if alerted_at else float('nan'):.1f} s; {failures:.0f} batch failures; committed "
+        f"offsets frozen while broken: {frozen}; cleared by " + ("deleting the ballast" if fault == "full" else
+                                                                  "unmounting the read-only mount"))
+    assert alerted_at is not None, f"the sink never reported failing while its disk was {fault}:\n" + stack.sink_log_tail()
+    assert frozen, f"committed offsets moved while the warehouse could not write: {committed_broken}"
     assert not res.failed, _errors(res)
     assert land.lost == 0 and land.duplicates == 0, land
     assert_gap_closed(gap)
