@@ -580,10 +580,13 @@ def test_soak_steady_load(stack):
     # flat: no descriptor leak, bounded memory growth, the spool is trimmed as events are acknowledged.
     # The sink's descriptors grew +16/min over a 10-minute soak until migration 0006 (serial removal of
     # outdated parts: parallel removal left ~128 engine threads, each holding three procfs descriptors).
-    # Compared with the start of the load and with the end of warm-up (the engine starts a few pool
-    # threads as the first batches and merges come: 28 -> 35 threads in a 600 s soak, then flat).
+    # Compared with the start of the load and with the end of warm-up. The sink's engine still starts a
+    # few pool threads late (its local pools fill lazily as wider queries come: 9 -> 12 "ThreadPool"
+    # threads over 4 minutes, 3 descriptors each; a 600 s soak went 56 -> 68 after warm-up, +1.2/min),
+    # bounded by the pools' sizes; hence 16 for the sink. Before migration 0006 it was +16/min.
     warmed = {n: next((v for t, v in series.get(f"{n} fds", []) if t >= warm), a) for n, (a, _) in rest.items()}
-    assert all(b <= max(a, warmed[n]) + 8 for n, (a, b) in rest.items()), \
+    allowed = {"sink": 16}
+    assert all(b <= max(a, warmed[n]) + allowed.get(n, 8) for n, (a, b) in rest.items()), \
         f"descriptors left open after the load: {rest} (after warm-up: {warmed})"
     assert slopes.get("sink fds", 0) < 2 and slopes.get("sink threads", 0) < 1, slopes
     assert sockets_after["proxy"] <= 2 * 128 + 32, sockets_after  # bounded by the load's concurrency
