@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 
 import pytest
 
@@ -106,18 +107,50 @@ def test_tiny_model_adapter_matches_transformers_peft(tiny_servers, tiny_model, 
     assert got == expected
 
 
-def _mixed_batch_mismatches(server, base_model: str, adapter: str, chats) -> int:
+def _base_beside_long_adapter(server, base_model: str, adapter: str, base_chat, adapter_chat) -> list[int] | None:
+    """The base request's output while an adapter request decodes beside it for its whole life, or None
+    when the adapter request ended first (the two did not share every batch: try again)."""
+    from learner.serving import http_json
+
+    done = threading.Event()
+
+    def long_adapter_request() -> None:
+        try:
+            http_json("POST", f"{server.base_url}/chat/completions", {
+                "model": adapter, "messages": adapter_chat, "max_tokens": 200, "ignore_eos": True, "temperature": 0,
+            }, timeout=300)
+        finally:
+            done.set()
+
+    t = threading.Thread(target=long_adapter_request)
+    t.start()
+    time.sleep(0.15)  # let it reach the engine and start decoding
+    out = None if done.is_set() else chat_ids(server.base_url, base_model, base_chat, MAX_TOKENS)
+    overlapped = out is not None and not done.is_set()
+    t.join()
+    return out if overlapped else None
+
+
+def _mixed_batch_mismatches(server, base_model: str, adapter: str, chats) -> tuple[int, int]:
+    """(base outputs that differ from their solo output, base requests checked) with an adapter request
+    decoding beside each. Two requests merely sent together were not enough: on a quiet machine the
+    short base request could finish in batches of its own (CI saw 0 of 6 mismatches without the
+    plugin once), so each base request now runs entirely inside a 200-token adapter request."""
     solo = [chat_ids(server.base_url, base_model, c, MAX_TOKENS) for c in chats]
-    wrong = 0
+    wrong = checked = 0
     for i, c in enumerate(chats):
-        # The base request and an adapter request in flight together: one batch, two kinds of rows.
-        base_out, _ = concurrent_chats(server.base_url, [(base_model, c), (adapter, chats[(i + 1) % len(chats)])], MAX_TOKENS)
-        wrong += base_out != solo[i]
-    return wrong
+        for _ in range(3):
+            out = _base_beside_long_adapter(server, base_model, adapter, c, chats[(i + 1) % len(chats)])
+            if out is not None:
+                checked += 1
+                wrong += out != solo[i]
+                break
+    return wrong, checked
 
 
 def test_bug_reproduces_without_the_plugin(tiny_servers, tiny_model, loaded, chats):
-    wrong = _mixed_batch_mismatches(tiny_servers[1], tiny_model.served_name, loaded, chats)
+    wrong, checked = _mixed_batch_mismatches(tiny_servers[1], tiny_model.served_name, loaded, chats)
+    assert checked == len(chats), f"only {checked} of {len(chats)} base requests ran beside an adapter request"
     assert wrong > 0, (
         "base requests batched with an adapter request now match their solo output WITHOUT the plugin: "
         "vLLM fixed the CPU LoRA bug upstream (PRs #48421/#49656). Remove deploy/vllm/onpolicy_vllm/cpu_lora_fix.py "
@@ -126,4 +159,6 @@ def test_bug_reproduces_without_the_plugin(tiny_servers, tiny_model, loaded, cha
 
 
 def test_plugin_fixes_mixed_batches(tiny_servers, tiny_model, loaded, chats):
-    assert _mixed_batch_mismatches(tiny_servers[0], tiny_model.served_name, loaded, chats) == 0
+    wrong, checked = _mixed_batch_mismatches(tiny_servers[0], tiny_model.served_name, loaded, chats)
+    assert checked == len(chats), f"only {checked} of {len(chats)} base requests ran beside an adapter request"
+    assert wrong == 0, f"{wrong} of {checked} base requests changed beside an adapter request, with the plugin"
