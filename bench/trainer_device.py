@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import platform
 import random
 import statistics
@@ -54,7 +55,7 @@ def environment(device: str) -> dict:
 
     import torch
 
-    env = {"python": platform.python_version(), "machine": platform.machine(), "cpus": __import__("os").cpu_count()}
+    env = {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count()}
     for d in ("torch", "transformers", "peft", "tokenizers", "safetensors", "numpy"):
         try:
             env[d] = version(d)

@@ -347,10 +347,13 @@ def test_warehouse_disk_fault(stack, fault):
     time.sleep(5.0)
     if fault == "full":
         taken = stack.fill_warehouse_disk()
-        how = f"{taken / 2**20:.0f} MiB ballast filled the disk"
+        label, clear = "warehouse disk full (chdb on a full tmpfs)", stack.clear_warehouse_disk
+        how = f"{taken / 2**20:.0f} MiB ballast filled the disk; cleared by deleting the ballast"
     else:
         stack.make_warehouse_read_only()
-        how = "the warehouse directory bind-mounted read-only over itself (new files, renames: EROFS)"
+        label, clear = "warehouse disk read-only", stack.clear_warehouse_read_only
+        how = ("the warehouse directory bind-mounted read-only over itself (new files, renames: EROFS); cleared by "
+               "unmounting it")
     broken_at = time.time()
     alerted_at = None
     committed_broken = []
@@ -364,22 +367,17 @@ def test_warehouse_disk_fault(stack, fault):
             time.sleep(1)
         failures = stack.sink_metrics().get("onpolicy_sink_batch_failures_total", 0)
     finally:
-        if fault == "full":
-            stack.clear_warehouse_disk()
-        else:
-            stack.clear_warehouse_read_only()
+        clear()
     cleared = time.time()
     drain = load.drain_timer(stack, cleared)
     res = load.result()
     land = wait_landed(stack, res, load.started, cleared, drain=drain)
     gap = reconciliation_gap(stack, time.time())
     frozen = len(set(committed_broken)) <= 1 if committed_broken else None
-    label = "warehouse disk full (chdb on a full tmpfs)" if fault == "full" else "warehouse disk read-only"
     row(f"{label} for 20 s", res, land, gap,
         f"{STANDIN_NOTE}; {how}; onpolicy_sink_failing=1 after "
         f"{(alerted_at - broken_at) if alerted_at else float('nan'):.1f} s; {failures:.0f} batch failures; committed "
-        f"offsets frozen while broken: {frozen}; cleared by " + ("deleting the ballast" if fault == "full" else
-                                                                  "unmounting the read-only mount"))
+        f"offsets frozen while broken: {frozen}")
     assert alerted_at is not None, f"the sink never reported failing while its disk was {fault}:\n" + stack.sink_log_tail()
     assert frozen, f"committed offsets moved while the warehouse could not write: {committed_broken}"
     assert not res.failed, _errors(res)
@@ -583,7 +581,7 @@ def test_soak_steady_load(stack):
     # Compared with the start of the load and with the end of warm-up. The sink's engine still starts a
     # few pool threads late (its local pools fill lazily as wider queries come: 9 -> 12 "ThreadPool"
     # threads over 4 minutes, 3 descriptors each; a 600 s soak went 56 -> 68 after warm-up, +1.2/min),
-    # bounded by the pools' sizes; hence 16 for the sink. Before migration 0006 it was +16/min.
+    # bounded by the pools' sizes; hence 16 for the sink.
     warmed = {n: next((v for t, v in series.get(f"{n} fds", []) if t >= warm), a) for n, (a, _) in rest.items()}
     allowed = {"sink": 16}
     assert all(b <= max(a, warmed[n]) + allowed.get(n, 8) for n, (a, b) in rest.items()), \
