@@ -579,7 +579,7 @@ def test_soak_steady_load(stack):
     # The sink's descriptors grew +16/min over a 10-minute soak until migration 0006 (serial removal of
     # outdated parts: parallel removal left ~128 engine threads, each holding three procfs descriptors).
     # Compared with the start of the load and with the end of warm-up. The sink's engine still starts a
-    # few pool threads late (its local pools fill lazily as wider queries come: 9 -> 12 "ThreadPool"
+    # few pool threads late (its local pools fill lazily as wider queries come: 9 -> 13 "ThreadPool"
     # threads over 4 minutes, 3 descriptors each; a 600 s soak went 56 -> 68 after warm-up, +1.2/min),
     # bounded by the pools' sizes; hence 16 for the sink.
     warmed = {n: next((v for t, v in series.get(f"{n} fds", []) if t >= warm), a) for n, (a, _) in rest.items()}
