@@ -42,6 +42,7 @@ and the ``feedback`` table keeps the history.
 from __future__ import annotations
 
 import collections
+import hashlib
 import math
 import threading
 import uuid
@@ -60,7 +61,7 @@ from streams.events import FeedbackEvent
 from streams.ids import new_id
 
 FEEDBACK_NAMESPACE = uuid.UUID("6f6e706f-6c69-6379-8000-666565646261")  # fixed forever: ids derive from it
-IDEMPOTENCY_CACHE = 8192
+IDEMPOTENCY_CACHE = 8192  # entries of about 0.4 KiB each: a few MiB when full
 FEEDBACK_MAX_BODY_BYTES = 8 * 1024 * 1024
 MAX_ID_CHARS = 256
 MAX_CORRECTION_MESSAGES = 16
@@ -273,8 +274,12 @@ class FeedbackService:
     # -- acceptance --------------------------------------------------------------------------
     @staticmethod
     def _fingerprint(ev: FeedbackEvent) -> bytes:
-        return orjson.dumps([ev.interaction_id, ev.episode_id, ev.kind, ev.value, ev.comment, ev.correction, ev.source,
-                             ev.weight, ev.user_id, ev.metadata])
+        """What the item says, as a 16-byte digest (what the idempotency cache keeps for each key).
+
+        Not orjson's bytes themselves: orjson hands back a ~200-byte item in a 4 KiB allocation, so a full
+        cache held ~36 MiB, and the proxy's RSS climbed for 14 minutes at 10 feedback/s (chaos soak)."""
+        return hashlib.blake2b(orjson.dumps([ev.interaction_id, ev.episode_id, ev.kind, ev.value, ev.comment, ev.correction,
+                                             ev.source, ev.weight, ev.user_id, ev.metadata]), digest_size=16).digest()
 
     def accept(self, items: list[Any], key: ApiKey, *, batch: bool, user: str | None,
                header_key: str | None) -> list[Accepted]:
