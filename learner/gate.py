@@ -180,14 +180,32 @@ def policy_answerer(policy, max_new_tokens: int = 24, batch: int = 64, greedy: b
     return answer
 
 
+def gate_prompts(env, max_prompts: int) -> tuple[list, str]:
+    """Up to ``max_prompts`` prompts of a family for the gate, and where they came from.
+
+    Held-out prompts first. A family whose prompts recur over time has few or none (pools never leak
+    a prompt across the split: a prompt seen before the split stays in train), and the few it has are
+    the ones nobody judged before the split -- exactly those the grounded rewards have no evidence
+    about, so their answers score None and drop out. Measured in the demo: the arithmetic family's
+    held-out pool was one prompt, nothing was scored, and a trained round failed the gate with "no
+    held-out prompts scored". So the pool is topped up with train prompts to ``max_prompts``, and the
+    evidence says how many of each.
+    """
+    heldout = list(env.heldout)[:max_prompts]
+    train = list(env.train)[:max_prompts - len(heldout)]
+    if not train:
+        return heldout, "heldout"
+    if not heldout:
+        return train, "train (family has no held-out prompts)"
+    return heldout + train, f"heldout ({len(heldout)}) + train ({len(train)}): too few held-out prompts"
+
+
 def make_loop_gate(base_path, trainer_settings, forgetting_suite: Sequence[ForgettingTask],
                    settings: GateSettings | None = None, max_prompts: int = 64, samples: int = 4):
     """The gate as :class:`learner.loop.LearningLoop` calls it: ``gate(policy, production, envs, objectives)``.
 
     Answers are sampled (``samples`` per prompt, same seeds for both policies): that is what users of
-    a public model served at the default temperature get. Held-out pools are used where a family has
-    one; a family whose prompts all recur over time has none (pools never leak a prompt across the
-    split), and then up to ``max_prompts`` of its train prompts are used and the evidence says so.
+    a public model served at the default temperature get. Prompts per family: :func:`gate_prompts`.
     The forgetting suite is answered greedily.
     """
 
@@ -197,10 +215,8 @@ def make_loop_gate(base_path, trainer_settings, forgetting_suite: Sequence[Forge
         prod = LoraPolicy(base_path, trainer_settings, adapter_dir=production.path if production else None)
         prompts, sources = {}, {}
         for fid in objectives:
-            env = envs.environments[fid]
-            pool = list(env.heldout) or list(env.train)
-            sources[fid] = "heldout" if env.heldout else "train (family has no held-out prompts)"
-            prompts[fid] = pool[:max_prompts] * samples
+            pool, sources[fid] = gate_prompts(envs.environments[fid], max_prompts)
+            prompts[fid] = pool * samples
         result = evaluate(policy_answerer(policy, greedy=False), policy_answerer(prod, greedy=False), prompts,
                           objectives, forgetting_suite, settings)
         heldout = {k: ({**v, "source": sources[k]} if k in sources else v) for k, v in result.heldout.items()}

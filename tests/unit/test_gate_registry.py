@@ -9,7 +9,7 @@ import stat
 import pytest
 
 from learner.canary import CanaryController
-from learner.gate import GateSettings, decide, record
+from learner.gate import GateSettings, decide, gate_prompts, record
 from learner.registry import AdapterRegistry, Lineage, NotRoutable, RegistryError
 
 
@@ -73,6 +73,17 @@ def test_gate_decisions_by_hand():
     ok_forget = decide({"f": ([1.0] * 50, [0.0] * 50)}, {"base": ([1.0] * 98 + [0.0] * 2, [1.0] * 100)}, s)
     assert ok_forget.passed
     assert not decide({}, {}, s).passed  # nothing scored: nothing shows it is better
+
+
+def test_gate_prompts_top_up_a_small_heldout_pool_with_train_prompts():
+    from types import SimpleNamespace
+
+    env = SimpleNamespace(heldout=["h1"], train=[f"t{i}" for i in range(10)])
+    assert gate_prompts(env, 4) == (["h1", "t0", "t1", "t2"], "heldout (1) + train (3): too few held-out prompts")
+    env = SimpleNamespace(heldout=[f"h{i}" for i in range(6)], train=["t0"])
+    assert gate_prompts(env, 4) == (["h0", "h1", "h2", "h3"], "heldout")
+    assert gate_prompts(SimpleNamespace(heldout=[], train=["t0", "t1"]), 4) == (
+        ["t0", "t1"], "train (family has no held-out prompts)")
 
 
 def test_candidate_failing_the_gate_is_never_routed(warehouse, tmp_path, adapters):
