@@ -81,6 +81,7 @@ def build_family_rewards(family, env_version: str, trajectories: Sequence[Trajec
     failures: list[tuple[str, str, str]] = []  # (name, kind, reason)
 
     candidates.append(AnswerMemory.fit(fid, fit))
+    candidates.append(AnswerMemory.fit(fid, fit, closed_world=True))
     try:
         candidates.append(LearnedRewardModel.fit(fid, fit, C=s.rm_C))
     except RewardError as exc:
