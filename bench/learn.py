@@ -141,18 +141,14 @@ def curve_data(pol, out=print) -> dict:
     """The curve's data: 3,000 simulated judged interactions answered by ``pol`` (held-out arithmetic
     pairs left out), the environments and validated rewards built from them, and the held-out
     evaluation prompts."""
-    import zlib
-
     from learner.demo_tasks import ArithmeticTask, FormatTask
     from learner.environments.build import build_environments
     from learner.loop import simulated_trajectories
     from learner.rewards.build import build_rewards
     from learner.trainer import ValidatedObjective
 
-    def held(r):
-        return zlib.crc32(r["messages"][-1]["content"].encode()) % 5 == 0
-
     ar, fm = ArithmeticTask(), FormatTask()
+    held = ar.heldout
     rng = random.Random(0)
     reqs = [(t, r) for t in (ar, fm) for r in t.requests(rng, 1500) if t is not ar or not held(r)]
     rng.shuffle(reqs)

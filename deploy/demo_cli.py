@@ -87,12 +87,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="drive an already running proxy (…/v1) instead of starting the stack")
     p.add_argument("--api-key", default=None, help="feedback API key (default: the local stack's demo key)")
     p.add_argument("--min-new-feedback", type=int, default=300, help="judged interactions that start a learning round")
+    p.add_argument("--steps", type=int, default=40, help="GRPO steps per learning round")
     p.set_defaults(func=run_demo)
 
     p = sub.add_parser("eval", help="true success rate of what the proxy serves for a model, on held-out prompts")
     p.add_argument("--task", required=True, help="package.module:Class")
     p.add_argument("--model", required=True, help="public model name")
     p.add_argument("--n", type=int, default=100)
+    p.add_argument("--temperature", default="0",
+                   help="sampling temperature of the eval requests, or 'served' to send none and sample as users "
+                        "are served (vLLM's default)")
     p.add_argument("--base-url", default="http://127.0.0.1:8080/v1")
     p.add_argument("--api-key", default=None)
     p.set_defaults(func=run_eval)
@@ -102,7 +106,17 @@ def run_eval(args) -> int:
     from deploy.simulated_users import evaluate, load_task
 
     task = load_task(args.task)
-    mean, low, high, failed = evaluate(task, args.base_url, args.model, args.n, api_key=args.api_key)
+    if args.temperature == "served":
+        temperature = None
+    else:
+        try:
+            temperature = float(args.temperature)
+        except ValueError:
+            print(f"onpolicy eval: --temperature must be a number or 'served', got {args.temperature!r}",
+                  file=sys.stderr)
+            return 2
+    mean, low, high, failed = evaluate(task, args.base_url, args.model, args.n, api_key=args.api_key,
+                                       temperature=temperature)
     print(f"{task.name} on {args.model}: true success {mean:.3f} (95% CI {low:.3f}-{high:.3f}), n={args.n}, "
           f"failed requests {failed}")
     return 0 if failed == 0 else 1
@@ -125,7 +139,7 @@ def run_demo(args) -> int:
         else:
             from deploy.local.stack import Stack
 
-            stack = Stack(min_new_feedback=args.min_new_feedback)
+            stack = Stack(min_new_feedback=args.min_new_feedback, steps_per_round=args.steps)
             where = stack.up(model=args.model, serve=True)
             width = max(len(k) for k in where)
             print("\nonpolicy demo is up:")

@@ -7,7 +7,9 @@ A task family (the plugin contract) is a class with a no-argument constructor an
 - ``score(request: dict, response_text: str) -> float``: the hidden truth in [0, 1] (never sent);
 - ``feedback(request: dict, response_text: str, rng: random.Random) -> list[dict]``: bodies for
   ``POST /v1/feedback`` without the interaction id;
-- optionally ``regenerate(request, response_text, rng) -> bool``: re-send the same prompt.
+- optionally ``regenerate(request, response_text, rng) -> bool``: re-send the same prompt;
+- optionally ``heldout(request) -> bool``: prompts the users never send; :func:`evaluate` asks only
+  those, so the learner is measured on prompts it never saw.
 
 ``onpolicy demo --task package.module:Class`` loads one from the Python path. Traffic goes through
 the unmodified OpenAI SDK to the proxy, feedback through plain HTTP to ``/v1/feedback``: the same
@@ -164,7 +166,7 @@ class SimulatedUsers:
             in_flight: set = set()
             while not self.stop.is_set() and (deadline is None or time.monotonic() < deadline):
                 task = self.rng.choice(self.tasks)
-                request = task.requests(self.rng, 1)[0]
+                request = _draw(task, self.rng, heldout=False)
                 rng = random.Random(self.rng.getrandbits(64))
                 while len(in_flight) >= self.concurrency:
                     done = {f for f in in_flight if f.done()}
@@ -177,26 +179,41 @@ class SimulatedUsers:
         return self.stats
 
 
+def _draw(task, rng: random.Random, *, heldout: bool) -> dict[str, Any]:
+    """One request of ``task``: of its held-out prompts or of the rest (a task without ``heldout``
+    has no held-out prompts, so every request is drawn from all of them)."""
+    is_heldout = getattr(task, "heldout", None)
+    for _ in range(10_000):
+        request = task.requests(rng, 1)[0]
+        if is_heldout is None or bool(is_heldout(request)) == heldout:
+            return request
+    raise OnpolicyUserError(f"task {task.name!r}: no {'held-out' if heldout else 'non-held-out'} prompt in "
+                            "10,000 draws; its heldout() must keep some prompts on each side")
+
+
 def evaluate(task, base_url: str, model: str, n: int, *, seed: int = 1_000_003, api_key: str | None = None,
-             concurrency: int = 4) -> tuple[float, float, float, int]:
+             concurrency: int = 4, temperature: float | None = 0.0) -> tuple[float, float, float, int]:
     """True success of what the proxy serves for ``model`` on ``n`` fresh prompts.
 
-    The prompts come from a seed the simulated users never use, and the requests carry
+    The prompts are the task's held-out ones (``heldout``; simulated users never send them) where it
+    has them, drawn from a seed the simulated users never use; the requests carry
     ``x-onpolicy-train: false``: evaluation traffic is served and captured but never trained on.
+    ``temperature=None`` sends none, so answers are sampled as the upstream serves users by default.
     Returns (mean, low, high, failed) with a 95% normal-approximation interval.
     """
     from openai import OpenAI
 
     client = OpenAI(base_url=base_url, api_key=api_key or "unused", max_retries=1, timeout=120)
     rng = random.Random(seed)
-    requests = task.requests(rng, n)
+    requests = [_draw(task, rng, heldout=True) for _ in range(n)]
+    sampling = {} if temperature is None else {"temperature": temperature}
     scores: list[float] = []
     failed = 0
 
     def run(request: dict[str, Any]) -> float | None:
         try:
             response = client.chat.completions.create(model=model, extra_headers={"x-onpolicy-train": "false"},
-                                                      temperature=0, **request)
+                                                      **sampling, **request)
         except Exception as exc:
             log.warning("eval request failed: %s", exc)
             return None

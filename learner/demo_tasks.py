@@ -7,7 +7,9 @@ A task family is a class with a no-argument constructor and:
 - ``score(request, response_text) -> float``: the hidden truth in [0, 1];
 - ``feedback(request, response_text, rng) -> list[dict]``: bodies a person would POST to
   ``/v1/feedback`` (without the interaction id): thumbs with a noise rate, sometimes an outcome,
-  sometimes a correction, often nothing.
+  sometimes a correction, often nothing;
+- optionally ``heldout(request) -> bool``: prompts the simulated users never send, kept for
+  ``onpolicy eval`` so that a gain measured there is not a memorised answer.
 
 The demo families also define ``synthetic_answer(request, rng) -> str``: the behaviour of a model
 that is *partly* competent at the task. The tiny model (``learner/models/tiny.py``) is pretrained on
@@ -24,6 +26,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import zlib
 from typing import Any
 
 THUMBS_NOISE = 0.1  # a person clicks the wrong thumb this often
@@ -77,6 +80,11 @@ class ArithmeticTask:
 
     def feedback(self, request: dict[str, Any], response_text: str, rng: random.Random) -> list[dict[str, Any]]:
         return _human_feedback(self.score(request, response_text), str(self.answer(request)), rng)
+
+    def heldout(self, request: dict[str, Any]) -> bool:
+        """About a fifth of the 100 pairs (22), fixed by a hash of the prompt: never in simulated
+        traffic, so the learner never sees them; ``onpolicy eval`` asks only these."""
+        return zlib.crc32(_last_user_text(request).encode()) % 5 == 0
 
     def synthetic_answer(self, request: dict[str, Any], rng: random.Random) -> str:
         total = self.answer(request)

@@ -88,6 +88,7 @@ class Stack:
     vllm: object | None = None
     learn: bool = True
     min_new_feedback: int = 300
+    steps_per_round: int = 40
 
     def _load_ports(self) -> None:
         state = self.home / "stack.json"
@@ -201,7 +202,8 @@ class Stack:
             self.ports.setdefault("learner_metrics", free_port())
             learner = ManagedProcess(
                 "learner", [sys.executable, "-m", "deploy.cli", "learner", "run", "--model", model,
-                            "--min-new-feedback", str(self.min_new_feedback), "--publish-to", self.vllm.base_url,
+                            "--min-new-feedback", str(self.min_new_feedback),
+                            "--steps", str(self.steps_per_round), "--publish-to", self.vllm.base_url,
                             "--public-model", built.served_name, "--canary-fraction", "0.5",
                             "--canary-max-seconds", "300", "--metrics-port", str(self.ports["learner_metrics"])],
                 self.client_env(), self.home / "logs" / "learner.log")

@@ -17,7 +17,6 @@ from __future__ import annotations
 import datetime as dt
 import random
 import time
-import zlib
 
 import pytest
 
@@ -30,10 +29,6 @@ from learner.trainer import LoraPolicy, TrainerSettings, evaluate_success, mean
 pytestmark = pytest.mark.slow
 
 STEPS = 160
-
-
-def _held(request: dict) -> bool:
-    return zlib.crc32(request["messages"][-1]["content"].encode()) % 5 == 0
 
 
 def _success(policy, ev) -> dict[str, float]:
@@ -49,7 +44,7 @@ def test_true_success_rises_20_points(warehouse, tmp_path, tiny_model):
     base = LoraPolicy(tiny_model.path, settings)
     tasks = [ArithmeticTask(), FormatTask()]
     rng = random.Random(0)
-    reqs = [(t, r) for t in tasks for r in t.requests(rng, 1500) if t.name != "arithmetic" or not _held(r)]
+    reqs = [(t, r) for t in tasks for r in t.requests(rng, 1500) if t.name != "arithmetic" or not t.heldout(r)]
     rng.shuffle(reqs)
     texts: list[str] = []
     for i in range(0, len(reqs), 256):
@@ -58,7 +53,7 @@ def test_true_success_rises_20_points(warehouse, tmp_path, tiny_model):
     log = ListSignalLog([simulated_trajectories(t, [r], [x], frng, start + dt.timedelta(seconds=k), id_prefix=f"i{k}-")[0]
                          for k, ((t, r), x) in enumerate(zip(reqs, texts))])
     erng = random.Random(99)
-    ev = {"arith": [r for r in tasks[0].requests(erng, 300) if _held(r)][:60], "format": tasks[1].requests(erng, 60)}
+    ev = {"arith": [r for r in tasks[0].requests(erng, 300) if tasks[0].heldout(r)][:60], "format": tasks[1].requests(erng, 60)}
     before = _success(base, ev)
 
     nocarry = tuple({"messages": [{"role": "user", "content": f"What is {a} + {b}? Reply with the number only."}]}

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from deploy.simulated_users import TaskLoadError, load_task
-from streams.errors import is_user_error
+from streams.errors import OnpolicyUserError, is_user_error
 
 
 class EchoTask:
@@ -71,3 +71,27 @@ def test_cli_reports_a_bad_task_in_one_line():
     out = subprocess.run([sys.executable, "-m", "deploy.cli", "eval", "--task", "nope.nope:X", "--model", "m"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "Traceback" not in out.stderr and "cannot import" in out.stderr
+
+
+def test_heldout_prompts_are_never_sent_by_the_users_and_are_all_eval_asks():
+    from deploy.simulated_users import _draw
+    from learner.demo_tasks import ArithmeticTask
+
+    task, rng = ArithmeticTask(), random.Random(3)
+    sent = {_draw(task, rng, heldout=False)["messages"][0]["content"] for _ in range(2000)}
+    asked = {_draw(task, rng, heldout=True)["messages"][0]["content"] for _ in range(2000)}
+    assert len(sent) == 78 and len(asked) == 22 and not sent & asked  # every pair, on one side only
+    # a task without heldout() has none: both sides draw from all its prompts
+    echo = {_draw(EchoTask(), rng, heldout=True)["messages"][0]["content"] for _ in range(200)}
+    assert len(echo) == 10
+
+
+def test_a_heldout_that_keeps_nothing_on_one_side_is_a_clear_error():
+    from deploy.simulated_users import _draw
+
+    class AllHeldOut(EchoTask):
+        def heldout(self, request: dict) -> bool:
+            return True
+
+    with pytest.raises(OnpolicyUserError, match="no non-held-out prompt"):
+        _draw(AllHeldOut(), random.Random(0), heldout=False)
