@@ -17,7 +17,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _common(run)
     run.add_argument("--model", default="onpolicy-tiny", help="base model: onpolicy-tiny or smollm2-135m-instruct")
     run.add_argument("--min-new-feedback", type=int, default=500, help="judged interactions that start a round")
-    run.add_argument("--steps", type=int, default=40, help="GRPO steps per round")
+    run.add_argument("--steps", type=int, default=200, help="GRPO steps per round (docs/learning-curve.md)")
     run.add_argument("--threads", type=int, default=1, help="torch threads (1 was fastest under load on 2 cores)")
     # lr 2e-3 / beta 0.02 (the trainer's defaults) failed the gate's forgetting suite in most demo rounds
     # (22-45 points lost on arithmetic, docs/learning-curve.md); 1e-3 / 0.05 is what the trajectory-level

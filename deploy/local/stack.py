@@ -87,8 +87,8 @@ class Stack:
     ports: dict[str, int] = field(default_factory=dict)
     vllm: object | None = None
     learn: bool = True
-    min_new_feedback: int = 300
-    steps_per_round: int = 40
+    min_new_feedback: int = 1800  # the demo's defaults (deploy/demo_cli.py says why)
+    steps_per_round: int = 200
 
     def _load_ports(self) -> None:
         state = self.home / "stack.json"
