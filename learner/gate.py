@@ -54,11 +54,18 @@ class ForgettingTask:
 
 
 def demo_forgetting_suite(n: int = 100, seed: int = 12345) -> list[ForgettingTask]:
-    """The tiny demo model's base skills: fixed requests of the shipped demo families, checked by their
-    hidden truth. (For SmolLM2 or a customer model, pass tasks of their own base skills.)"""
-    from learner.demo_tasks import DEMO_FAMILIES
+    """The tiny demo model's base skills, checked by their hidden truth: the one it has -- sums without
+    a carry, all 55, which the base answers right -- and fixed requests of the shipped demo families.
+    (For SmolLM2 or a customer model, pass tasks of their own base skills.)
 
-    out = []
+    Why the sums without a carry on their own: a round that learns to carry can drift to wrong
+    answers there (measured: greedy 100% -> 75%) while its gain on sums with a carry hides the loss
+    in a suite of random sums (greedy 66% -> 74% for that same adapter)."""
+    from learner.demo_tasks import DEMO_FAMILIES, ArithmeticTask
+
+    nocarry = tuple({"messages": [{"role": "user", "content": f"What is {a} + {b}? Reply with the number only."}],
+                     "max_tokens": 8} for a in range(10) for b in range(10) if a + b < 10)
+    out = [ForgettingTask("sums_without_carry", nocarry, ArithmeticTask().score)]
     for cls in DEMO_FAMILIES:
         task = cls()
         out.append(ForgettingTask(task.name, tuple(task.requests(random.Random(seed), n)), task.score))
@@ -141,13 +148,16 @@ def decide(heldout: Mapping[str, tuple[Sequence[float], Sequence[float]]],
 
 def evaluate(candidate: Answerer, production: Answerer, heldout_prompts: Mapping[str, Sequence[Any]],
              objectives: Mapping[str, Any], forgetting_suite: Sequence[ForgettingTask],
-             settings: GateSettings | None = None) -> GateResult:
+             settings: GateSettings | None = None, forgetting_answerers: tuple[Answerer, Answerer] | None = None
+             ) -> GateResult:
     """Answer every held-out prompt and forgetting request with both policies, score, decide.
 
     ``heldout_prompts[family]``: prompt records (``messages``) of the family's held-out pool;
     ``objectives[family]``: its ValidatedObjective. Answers a reward calls not applicable (None) drop
-    the prompt's pair (both sides), never count as 0.
+    the prompt's pair (both sides), never count as 0. ``forgetting_answerers``: (candidate,
+    production) for the forgetting suite when it is answered differently (default: the same two).
     """
+    f_cand, f_prod = forgetting_answerers or (candidate, production)
     heldout: dict[str, tuple[list[float], list[float]]] = {}
     for fam, prompts in sorted(heldout_prompts.items()):
         if fam not in objectives or not prompts:
@@ -160,8 +170,8 @@ def evaluate(candidate: Answerer, production: Answerer, heldout_prompts: Mapping
     forgetting = {}
     for task in forgetting_suite:
         msgs = [r["messages"] for r in task.requests]
-        forgetting[task.name] = ([task.score(r, t) for r, t in zip(task.requests, candidate(msgs))],
-                                 [task.score(r, t) for r, t in zip(task.requests, production(msgs))])
+        forgetting[task.name] = ([task.score(r, t) for r, t in zip(task.requests, f_cand(msgs))],
+                                 [task.score(r, t) for r, t in zip(task.requests, f_prod(msgs))])
     return decide(heldout, forgetting, settings)
 
 
@@ -217,8 +227,14 @@ def make_loop_gate(base_path, trainer_settings, forgetting_suite: Sequence[Forge
         for fid in objectives:
             pool, sources[fid] = gate_prompts(envs.environments[fid], max_prompts)
             prompts[fid] = pool * samples
+        # The forgetting suite greedily: one deterministic answer per request, so the points threshold
+        # compares the policies, not two draws. It had been given the sampled answerers (since
+        # dd26157, against this docstring): one sample per request puts ~5 points of noise on a
+        # 55-request suite, more than the 2 points allowed -- the in-process learning test's adapter
+        # "forgot 3.6 points" of sums without a carry that way, while greedy it answers all 55 right.
         result = evaluate(policy_answerer(policy, greedy=False), policy_answerer(prod, greedy=False), prompts,
-                          objectives, forgetting_suite, settings)
+                          objectives, forgetting_suite, settings,
+                          forgetting_answerers=(policy_answerer(policy), policy_answerer(prod)))
         heldout = {k: ({**v, "source": sources[k]} if k in sources else v) for k, v in result.heldout.items()}
         return GateResult(result.passed, result.reason, heldout, result.forgetting, result.settings)
 

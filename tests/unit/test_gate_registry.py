@@ -9,7 +9,7 @@ import stat
 import pytest
 
 from learner.canary import CanaryController
-from learner.gate import GateSettings, decide, gate_prompts, record
+from learner.gate import ForgettingTask, GateSettings, decide, evaluate, gate_prompts, record
 from learner.registry import AdapterRegistry, Lineage, NotRoutable, RegistryError
 
 
@@ -84,6 +84,18 @@ def test_gate_prompts_top_up_a_small_heldout_pool_with_train_prompts():
     assert gate_prompts(env, 4) == (["h0", "h1", "h2", "h3"], "heldout")
     assert gate_prompts(SimpleNamespace(heldout=[], train=["t0", "t1"]), 4) == (
         ["t0", "t1"], "train (family has no held-out prompts)")
+
+
+def test_the_forgetting_suite_uses_its_own_answerers():
+    """make_loop_gate samples held-out answers but answers the forgetting suite greedily: evaluate
+    must use the forgetting answerers for the suite and only there."""
+    suite = [ForgettingTask("sums", ({"messages": [{"role": "user", "content": "1+1"}]},) * 10,
+                            lambda r, t: float(t == "2"))]
+    wrong, right = (lambda msgs: ["3"] * len(msgs)), (lambda msgs: ["2"] * len(msgs))
+    same = evaluate(wrong, right, {}, {}, suite, GateSettings(n_boot=100))
+    assert same.forgetting["sums"]["drop_points"] == 100.0
+    own = evaluate(wrong, right, {}, {}, suite, GateSettings(n_boot=100), forgetting_answerers=(right, right))
+    assert own.forgetting["sums"]["drop_points"] == 0.0
 
 
 def test_candidate_failing_the_gate_is_never_routed(warehouse, tmp_path, adapters):
