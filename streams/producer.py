@@ -137,7 +137,7 @@ class EventProducer:
             # A right-sized copy: orjson returns a small payload inside a 4 KiB allocation (orjson
             # 3.13.0: a 164-byte dumps() holds 4,098 bytes), so keeping its bytes would let the memory
             # budget, which counts len(payload), hold ~20x its size of small events.
-            payload = bytes(bytearray(payload))
+            payload = bytes(memoryview(payload))  # one compact copy
             with self._overflow_lock:
                 if self._overflow_bytes + len(payload) > self.settings.memory_budget_bytes:
                     self.dropped += 1

@@ -54,9 +54,9 @@ class AnswerMemory(Reward):
         self.table: dict[str, dict[str, list[float]]] = table or {}
         self.smoothing = smoothing
         self.closed_world = closed_world
-        # prompts with an approved answer (closed world: any other answer to them scores 0)
+        # closed world: prompts with an approved answer (any other answer to them scores 0)
         self._approved = {k for k, answers in self.table.items()
-                          if any(self._rate(cell) > 0.5 for cell in answers.values())}
+                          if any(self._rate(cell) > 0.5 for cell in answers.values())} if closed_world else set()
 
     def _rate(self, cell: list[float]) -> float:
         a = self.smoothing
