@@ -519,6 +519,23 @@ def _slope_per_min(points: list[tuple[float, float]]) -> float:
     return 60 * sum((t - mx) * (v - my) for t, v in points) / den if den else 0.0
 
 
+def _floor_slope_per_min(points: list[tuple[float, float]], bucket_s: float = 30.0) -> float:
+    """The slope of the series' lower envelope (the minimum of each ``bucket_s`` window).
+
+    A leak raises the floor; a query in flight holds ~6 descriptors (pipes, an epoll, a timerfd, the
+    parts it reads) for a second or two, and one such sample at the end of a 90-second window reads as
+    +5 descriptors/min in a plain regression (a CI run at e9b5309 failed on exactly that).
+    """
+    if not points:
+        return 0.0
+    t0 = points[0][0]
+    floors: dict[int, tuple[float, float]] = {}
+    for t, v in points:
+        b = int((t - t0) // bucket_s)
+        floors[b] = (t0 + (b + 0.5) * bucket_s, min(v, floors.get(b, (0, v))[1]))
+    return _slope_per_min(sorted(floors.values()))
+
+
 def test_soak_steady_load(stack):
     rate = min(RATE, float(os.environ.get("ONPOLICY_SOAK_RATE", RATE / 2)))
     load = Load(stack, SOAK_S, rate=rate)
@@ -559,15 +576,19 @@ def test_soak_steady_load(stack):
     print("soak descriptors at rest before -> after:", rest)
     warm = SOAK_S * 0.25  # after warm-up (imports, first batches, caches)
     slopes = {k: _slope_per_min([p for p in v if p[0] >= warm]) for k, v in series.items()}
+    floor = {k: _floor_slope_per_min([p for p in series[k] if p[0] >= warm])
+             for k in ("proxy fds", "sink fds", "sink threads") if k in series}
     for k in sorted(slopes):
         vals = [v for _, v in series[k]]
-        print(f"soak {k}: first {vals[0]:.1f}, last {vals[-1]:.1f}, max {max(vals):.1f}, slope {slopes[k]:+.2f}/min")
+        print(f"soak {k}: first {vals[0]:.1f}, last {vals[-1]:.1f}, max {max(vals):.1f}, slope {slopes[k]:+.2f}/min"
+              + (f", floor slope {floor[k]:+.2f}/min" if k in floor else ""))
     rss_limit = 0.5 + 2.5 / ((SOAK_S - warm) / 60)  # MiB/min; why: at the assertion below
     print(f"soak proxy RSS slope limit: {rss_limit:.2f} MiB/min")
     key = ("proxy RSS MiB", "capture worker RSS MiB", "sink RSS MiB", "proxy fds", "sink fds", "sink threads", "spool MiB")
     row(f"soak {SOAK_S:.0f} s at steady load", res, land, gap,
         f"{STANDIN_NOTE}; slopes after warm-up (per minute): " +
         ", ".join(f"{k} {slopes.get(k, 0):+.2f}" for k in key) +
+        " (floors: " + ", ".join(f"{k} {v:+.2f}" for k, v in floor.items()) + ")" +
         "; " + ", ".join(f"{k} {slopes[k]:+.0f} (max {max(v for _, v in series[k]):.0f})" for k in sorted(slopes)
                          if k.startswith("onpolicy_")) +
         f"; spool max {max(v for _, v in series.get('spool MiB', [(0, 0)])):.1f} MiB (segments of 16 MiB are deleted once "
@@ -579,16 +600,15 @@ def test_soak_steady_load(stack):
     assert_gap_closed(gap)
     # flat: no descriptor leak, bounded memory growth, the spool is trimmed as events are acknowledged.
     # The sink's descriptors grew +16/min over a 10-minute soak until migration 0006 (serial removal of
-    # outdated parts: parallel removal left ~128 engine threads, each holding three procfs descriptors).
-    # Compared with the start of the load and with the end of warm-up. The sink's engine still starts a
-    # few pool threads late (its local pools fill lazily as wider queries come: 9 -> 13 "ThreadPool"
-    # threads over 4 minutes, 3 descriptors each; a 600 s soak went 56 -> 68 after warm-up, +1.2/min),
-    # bounded by the pools' sizes; hence 16 for the sink.
+    # outdated parts: parallel removal left ~128 engine threads, each holding three procfs descriptors),
+    # then +1.7/min while the engine's global pool filled lazily (4 -> ~12 threads, 3 descriptors each),
+    # until the warehouse started the pool's threads at open (streams/warehouse.py ENGINE_POOL_THREADS).
+    # Compared with the start of the load and with the end of warm-up; the slopes are of the floor
+    # (see _floor_slope_per_min: queries in flight hold descriptors for a moment).
     warmed = {n: next((v for t, v in series.get(f"{n} fds", []) if t >= warm), a) for n, (a, _) in rest.items()}
-    allowed = {"sink": 16}
-    assert all(b <= max(a, warmed[n]) + allowed.get(n, 8) for n, (a, b) in rest.items()), \
+    assert all(b <= max(a, warmed[n]) + 8 for n, (a, b) in rest.items()), \
         f"descriptors left open after the load: {rest} (after warm-up: {warmed})"
-    assert slopes.get("sink fds", 0) < 2 and slopes.get("sink threads", 0) < 1, slopes
+    assert floor.get("sink fds", 0) < 2 and floor.get("sink threads", 0) < 1 and floor.get("proxy fds", 0) < 2, floor
     assert sockets_after["proxy"] <= 2 * 128 + 32, sockets_after  # bounded by the load's concurrency
     # The proxy's RSS after warm-up. It grew +2.39 MiB/min (120 s soak) and +2.88 MiB/min (600 s, 55.7 -> 92.6 MiB)
     # until the feedback idempotency cache stopped keeping orjson's bytes (4 KiB allocations, 4452 bytes per
