@@ -82,6 +82,9 @@ async def read_body(request: web.Request) -> None:
         # Refused on the declared length: neither read nor waited for.
         raise ProxyError(413, f"the request body is larger than this proxy accepts ({settings.max_body_bytes} bytes, "
                               "max_body_bytes); send a smaller body or raise max_body_bytes", code="request_too_large")
+    if request.content.is_eof():  # the whole body came with the head (the usual case): no deadline to arm
+        await request.read()
+        return
     timeout_s = settings.request_body_timeout_s
     try:
         async with asyncio.timeout(timeout_s or None):

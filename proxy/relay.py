@@ -22,6 +22,7 @@ from aiohttp import web
 
 from proxy.capture import Exchange
 from proxy.errors import ProxyError
+from proxy.http1 import Http1Response
 from proxy.state import STATE, ProxyState
 from proxy.upstream import response_headers
 
@@ -131,12 +132,11 @@ async def openai_post(request: web.Request) -> web.StreamResponse:
     headers = {IID_HEADER: iid}
     if res.adapter_version is not None:
         headers[VERSION_HEADER] = res.adapter_version
-    up_headers = st.upstream.headers(request.headers)
-    if route in REWRITE_ID:
-        # vLLM names its response "chatcmpl-<X-Request-Id>" / "cmpl-<X-Request-Id>": handing it our id
-        # makes the upstream's id the interaction id already, so no byte splice is needed (and vLLM's
-        # logs carry the same id). Upstreams that ignore the header get their ids rewritten below.
-        up_headers["X-Request-Id"] = iid[len(ENDPOINTS[route][0]):]
+    # vLLM names its response "chatcmpl-<X-Request-Id>" / "cmpl-<X-Request-Id>": handing it our id
+    # makes the upstream's id the interaction id already, so no byte splice is needed (and vLLM's
+    # logs carry the same id). Upstreams that ignore the header get their ids rewritten below.
+    up_headers = st.upstream.headers(request.headers,
+                                     iid[len(ENDPOINTS[route][0]):] if route in REWRITE_ID else None)
     st.metrics.in_flight.inc()
     try:
         try:
@@ -176,7 +176,7 @@ async def _finish(request: web.Request, resp: web.StreamResponse) -> None:
         pass
 
 
-async def _relay_body(request, st: ProxyState, upstream: aiohttp.ClientResponse, ex: Exchange, headers: dict[str, str],
+async def _relay_body(request, st: ProxyState, upstream: Http1Response, ex: Exchange, headers: dict[str, str],
                       rewrite_id: bool) -> web.StreamResponse:
     try:
         data = await upstream.read()
@@ -231,7 +231,7 @@ def _splice_id(data: bytes, iid: str) -> bytes:
     return data
 
 
-async def _relay_stream(request, st: ProxyState, upstream: aiohttp.ClientResponse, ex: Exchange, headers: dict[str, str],
+async def _relay_stream(request, st: ProxyState, upstream: Http1Response, ex: Exchange, headers: dict[str, str],
                         rewrite_id: bool) -> web.StreamResponse:
     headers.update(response_headers(upstream))
     headers["Cache-Control"] = "no-cache"
@@ -250,7 +250,7 @@ async def _relay_stream(request, st: ProxyState, upstream: aiohttp.ClientRespons
     upstream_done = delivered_all = False
     responses_api = ex.endpoint == "/responses"
     try:
-        async for chunk in upstream.content.iter_any():
+        async for chunk in upstream.iter_any():
             if rewrite_id:
                 if carry:
                     chunk = carry + chunk
@@ -332,7 +332,7 @@ async def forward_other(request: web.Request) -> web.StreamResponse:
     resp = web.StreamResponse(status=upstream.status, headers=headers)
     try:
         await resp.prepare(request)
-        async for chunk in upstream.content.iter_any():
+        async for chunk in upstream.iter_any():
             await resp.write(chunk)
         await resp.write_eof()
     except _CLIENT_GONE:

@@ -1,4 +1,4 @@
-"""The vLLM (or any OpenAI-compatible) upstream: one pooled keep-alive ``aiohttp.ClientSession``.
+"""The vLLM (or any OpenAI-compatible) upstream: pooled keep-alive HTTP/1.1 connections (``proxy.http1``).
 
 Bodies go out as the bytes the client sent (re-serialized only when routing changes the model
 name); responses come back as bytes and are never decoded on the relay path. Headers: the client's
@@ -9,11 +9,11 @@ upstream answers uncompressed and capture can read it) and our own ``x-onpolicy-
 from __future__ import annotations
 
 import asyncio
-
-import aiohttp
-from multidict import CIMultiDict, CIMultiDictProxy
+from typing import Mapping
+from urllib.parse import urlsplit
 
 from proxy.errors import ProxyError
+from proxy.http1 import Http1Pool, Http1Response, UpstreamConnectError
 from proxy.settings import ProxySettings
 
 _DROP_REQUEST_HEADERS = frozenset({
@@ -30,62 +30,69 @@ class UpstreamClient:
     def __init__(self, settings: ProxySettings):
         self.base = settings.upstream_url
         self.name = self.base
+        u = urlsplit(self.base)
+        self._origin = f"{u.scheme}://{u.netloc}"
+        self._prefix = u.path.rstrip("/")
         self.api_key = settings.upstream_api_key.get_secret_value() if settings.upstream_api_key else None
         self.connect_timeout_s = settings.upstream_connect_timeout_s
+        # Non-streaming calls: the whole call (head and body) is bounded by timeout_s. Streams: the
+        # wait for the head is bounded by timeout_s, and each later read by read_timeout_s (silence
+        # between chunks).
         self.timeout_s = settings.upstream_timeout_s
         self.read_timeout_s = settings.upstream_read_timeout_s
         self.max_connections = settings.upstream_max_connections
-        # Non-streaming calls: the whole call is bounded. Streams: the wait for the headers is bounded
-        # by asyncio.timeout in the relay, and each later read by sock_read (silence between chunks).
-        self.timeout = aiohttp.ClientTimeout(total=self.timeout_s, sock_connect=self.connect_timeout_s)
-        self.stream_timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout_s,
-                                                    sock_read=self.read_timeout_s)
-        self.session: aiohttp.ClientSession | None = None
+        self.pool: Http1Pool | None = None
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=self.max_connections, limit_per_host=self.max_connections,
-                                         keepalive_timeout=30, enable_cleanup_closed=False, ttl_dns_cache=300)
-        # auto_decompress off + no Accept-Encoding forwarded: bytes pass through as sent.
-        self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent",),
-                                             read_bufsize=2**16, cookie_jar=aiohttp.DummyCookieJar())
+        self.pool = Http1Pool(self._origin, max_connections=self.max_connections,
+                              connect_timeout_s=self.connect_timeout_s)
 
     async def close(self) -> None:
-        if self.session is not None:
-            await self.session.close()
+        if self.pool is not None:
+            await self.pool.close()
 
-    def headers(self, incoming: CIMultiDictProxy[str]) -> CIMultiDict[str]:
-        out: CIMultiDict[str] = CIMultiDict()
+    def headers(self, incoming: Mapping[str, str], request_id: str | None = None) -> list[tuple[str, str]]:
+        """The client's headers as forwarded upstream; ``request_id`` replaces any X-Request-Id."""
+        out = []
         for k, v in incoming.items():
             lk = k.lower()
-            if lk in _DROP_REQUEST_HEADERS or lk.startswith("x-onpolicy-"):
+            if lk in _DROP_REQUEST_HEADERS or lk.startswith("x-onpolicy-") or (request_id is not None and lk == "x-request-id"):
                 continue
-            out.add(k, v)
+            if lk == "authorization" and self.api_key is not None:
+                continue
+            out.append((k, v))
         if self.api_key is not None:
-            out["Authorization"] = f"Bearer {self.api_key}"
+            out.append(("Authorization", f"Bearer {self.api_key}"))
+        if request_id is not None:
+            out.append(("X-Request-Id", request_id))
         return out
 
-    async def request(self, method: str, path: str, body: bytes | None, headers: CIMultiDict[str], *,
-                      stream: bool, query: str = "") -> aiohttp.ClientResponse:
+    async def request(self, method: str, path: str, body: bytes | None, headers: list[tuple[str, str]], *,
+                      stream: bool, query: str = "") -> Http1Response:
         """Send one request; return the response once its headers arrived. Raises ProxyError 502/504."""
-        url = self.base + path + (f"?{query}" if query else "")
-        assert self.session is not None, "UpstreamClient.start() was not awaited"
+        assert self.pool is not None, "UpstreamClient.start() was not awaited"
+        target = self._prefix + path + (f"?{query}" if query else "")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s
         try:
-            if stream:
-                async with asyncio.timeout(self.timeout_s):
-                    return await self.session.request(method, url, data=body, headers=headers, timeout=self.stream_timeout)
-            return await self.session.request(method, url, data=body, headers=headers, timeout=self.timeout)
-        except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
+            async with asyncio.timeout_at(deadline):
+                resp = await self.pool.request(method, target, headers, body,
+                                               read_timeout_s=self.read_timeout_s if stream else None)
+        except TimeoutError:
             raise ProxyError(504, f"the upstream model server at {self.base} did not answer within {self.timeout_s:g}s; "
                                   "try again, or raise upstream_timeout_s if long generations are expected",
                              code="upstream_timeout") from None
-        except aiohttp.ClientConnectorError as exc:
-            raise ProxyError(502, f"cannot connect to the upstream model server at {self.base} ({exc.os_error or exc}); "
+        except UpstreamConnectError as exc:
+            raise ProxyError(502, f"cannot connect to the upstream model server at {self.base} ({exc}); "
                                   "check that vLLM is running and upstream_url is right", code="upstream_unreachable") from None
-        except (aiohttp.ClientError, OSError) as exc:
+        except (OSError, ValueError) as exc:
             raise ProxyError(502, f"the upstream model server at {self.base} failed: {type(exc).__name__}: {exc}",
                              code="upstream_error") from None
+        if not stream:
+            resp.deadline = deadline  # the body, too, by the call's deadline
+        return resp
 
 
-def response_headers(upstream: aiohttp.ClientResponse) -> dict[str, str]:
+def response_headers(upstream: Http1Response) -> dict[str, str]:
     h = upstream.headers
     return {k: h[k] for k in _KEEP_RESPONSE_HEADERS if k in h}
