@@ -271,8 +271,11 @@ class _Conn(asyncio.Protocol):
             self._mode = _LENGTH
         else:
             self._mode, self._keep_alive = _UNTIL_CLOSE, False
-        resp = self._resp = Http1Response(self, status, headers, self._read_timeout_s)
         w, self._head_waiter = self._head_waiter, None
+        if w is None or w.done():  # the caller gave up (cancelled, timed out) in this very loop turn
+            self.abort()
+            return
+        resp = self._resp = Http1Response(self, status, headers, self._read_timeout_s)
         w.set_result(resp)
         rest = bytes(buf)
         buf.clear()

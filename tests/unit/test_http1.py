@@ -214,3 +214,19 @@ async def test_a_large_body_is_read_whole_with_the_socket_paused_between():
         await asyncio.sleep(0.2)  # let the buffer fill past the high-water mark
         assert await resp.read() == body
         await pool.close()
+
+
+async def test_a_caller_that_gives_up_as_the_head_arrives_drops_the_connection():
+    async def silent(writer):
+        await asyncio.sleep(1)
+        return "close"
+
+    async with Scripted([silent]) as srv:
+        pool = Http1Pool(f"http://127.0.0.1:{srv.port}")
+        conn = await pool._acquire()
+        waiter = conn.send(b"POST", b"POST /x HTTP/1.1\r\nContent-Length: 0\r\n\r\n", None)
+        waiter.cancel()  # the caller's task was cancelled; its answer arrives in the same loop turn
+        conn.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")  # must not raise
+        await asyncio.sleep(0.05)
+        assert conn.closed and pool.open_connections == 0
+        await pool.close()
