@@ -14,7 +14,7 @@ median over rounds of the CPU time of the calling thread (``time.thread_time``) 
   serialize   ``build(ex).to_json()`` minus ``build(ex)``: the event's JSON bytes
   emit        ``EventProducer.emit``: the spool append, on the caller's thread (minus the
               serialization it repeats when the event is a pydantic model: counted above)
-  sender      the producer's threads (spool reader, kafka-python's sender, fsync) per record:
+  sender      the producer's threads (spool reader, the Kafka client's sender, fsync) per record:
               process CPU minus the caller's over N records emitted and flushed to a real broker
               (tansu, embedded, in memory), emitted back to back as a busy worker does
   worker      measured whole: the worker's loop per frame (unpack + ``Capture.record`` to a null

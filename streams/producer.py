@@ -2,7 +2,7 @@
 
 Flow: ``emit(event)`` serializes the event and appends it to the write-ahead spool (one
 ``write(2)``, a few microseconds) and returns. A sender thread reads the spool in order and sends
-to Kafka with ``acks=all``; once the broker has acknowledged every record up to a point, the spool
+to Kafka with ``acks=all`` (through librdkafka by default, or kafka-python: ``ProducerSettings.client``); once the broker has acknowledged every record up to a point, the spool
 is trimmed to that point. When the broker is slow or down, records simply wait in the spool; when
 a send fails, the sender rewinds to the first unacknowledged record and sends again from there, in
 order. A record may therefore reach Kafka more than once (after a failure or a crash between
@@ -20,6 +20,7 @@ partition), else by interaction id, else by event id.
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import struct
 import threading
@@ -39,6 +40,8 @@ log = logging.getLogger(__name__)
 
 def _unsendable(exc: BaseException) -> bool:
     """Errors that no resend can fix."""
+    if isinstance(exc, DeliveryError):
+        return exc.permanent
     from kafka import errors
 
     permanent = tuple(getattr(errors, name) for name in (
@@ -89,6 +92,108 @@ def _key_partitioner():
             return ordered[(murmur2(serialized_key) & 0x7FFFFFFF) % len(ordered)]
 
     return KeyPartitioner()
+
+
+class DeliveryError(Exception):
+    """A record librdkafka could not deliver; ``permanent`` when no resend can fix it."""
+
+    def __init__(self, message: str, permanent: bool = False):
+        super().__init__(message)
+        self.permanent = permanent
+
+
+class Backpressure(Exception):
+    """The client's own queue is full: the record was not taken; try again after a poll."""
+
+
+class _KafkaPythonClient:
+    """kafka-python's ``KafkaProducer`` behind the sender's three calls (``send``, ``poll``, ``close``)."""
+
+    def __init__(self, producer):
+        self.p = producer
+
+    def send(self, topic: str, key: bytes, value: bytes, on_ok, on_err) -> None:
+        fut = self.p.send(topic, key=key, value=value)
+        fut.add_callback(on_ok)
+        fut.add_errback(on_err)
+
+    def poll(self) -> None:
+        """Delivery callbacks run on kafka-python's own I/O thread."""
+
+    def close(self, timeout_s: float) -> None:
+        self.p.close(timeout=timeout_s)
+
+
+class _ConfluentClient:
+    """librdkafka (confluent-kafka) behind the sender's three calls.
+
+    Why (bench/capture_cpu.py, docs/proxy.md): kafka-python spends ~20 us of Python per record in
+    ``send()``, its accumulator, futures and callbacks (measured alone against tansu, 20k records of
+    1.5 kB with lz4: 18-21 us of CPU per record); librdkafka does the batching, compression and I/O in
+    C threads that do not hold the GIL: 1.8-3.1 us per record, delivery report included. The capture
+    worker pays this for every request, on the proxy's core.
+
+    Same semantics as the kafka-python client: acks=all, no idempotence (INFRA.md), the same
+    partition for a key (``murmur2_random`` is the Java client's and kafka-python's default),
+    delivery reports per record (run by ``poll``, on the sender thread).
+    """
+
+    # librdkafka error codes no resend can fix (confluent_kafka.KafkaError)
+    _PERMANENT = ("MSG_SIZE_TOO_LARGE", "INVALID_MSG_SIZE", "TOPIC_AUTHORIZATION_FAILED", "TOPIC_EXCEPTION",
+                  "INVALID_MSG", "CORRUPT_MESSAGE", "INVALID_RECORD", "_INVALID_ARG", "_UNKNOWN_TOPIC")
+
+    def __init__(self, kafka: KafkaSettings, s: ProducerSettings):
+        from confluent_kafka import KafkaError, Producer
+
+        self._permanent = frozenset(getattr(KafkaError, n) for n in self._PERMANENT if hasattr(KafkaError, n))
+        self.p = Producer({
+            "bootstrap.servers": ",".join(kafka.servers),
+            "client.id": f"{kafka.client_id}-producer",
+            "acks": "all",
+            "enable.idempotence": False,
+            "linger.ms": s.linger_ms,
+            "batch.size": s.batch_size,
+            "compression.type": s.compression_type or "none",
+            "partitioner": "murmur2_random",
+            "message.timeout.ms": s.delivery_timeout_ms,
+            "request.timeout.ms": max(1000, s.delivery_timeout_ms - s.linger_ms - 500),
+            "reconnect.backoff.ms": 100,
+            "reconnect.backoff.max.ms": 1000,
+            # what librdkafka may hold unsent; past it produce() refuses (Backpressure) and the
+            # record stays in the spool for the next pass
+            "queue.buffering.max.kbytes": 64 * 1024,
+            "queue.buffering.max.messages": max(100_000, 2 * s.max_in_flight_records),
+            "log.connection.close": False,
+        }, logger=log)
+        # Like kafka-python's bootstrap: fail now (and keep spooling) when the broker is not there.
+        try:
+            self.p.list_topics(timeout=2)
+        except Exception as exc:
+            raise ConnectionError(f"no metadata from {kafka.bootstrap_servers}: {exc}") from None
+
+    def send(self, topic: str, key: bytes, value: bytes, on_ok, on_err) -> None:
+        permanent = self._permanent
+
+        def report(err, msg) -> None:
+            if err is None:
+                on_ok(msg)
+            else:
+                on_err(DeliveryError(f"{err.name()}: {err.str()}", err.code() in permanent))
+
+        try:
+            self.p.produce(topic, value, key, on_delivery=report)
+        except BufferError:
+            raise Backpressure() from None
+        except Exception as exc:  # KafkaException: refused before it was queued (too large, unknown topic)
+            err = exc.args[0] if exc.args else None
+            code = err.code() if hasattr(err, "code") else None
+            raise DeliveryError(str(exc), code in permanent) from None
+
+    def poll(self) -> None:
+        self.p.poll(0)
+
+    def close(self, timeout_s: float) -> None:
+        self.p.flush(timeout_s)  # what is still unacknowledged stays in the spool for the next start
 
 
 def event_key(event: InteractionEvent | FeedbackEvent | ControlEvent) -> bytes:
@@ -154,10 +259,12 @@ class EventProducer:
 
     # -- the sender thread -------------------------------------------------------------------
     def _connect(self):
+        s = self.settings
+        if s.client == "confluent":
+            return _ConfluentClient(self.kafka, s)
         from kafka import KafkaProducer
 
-        s = self.settings
-        return KafkaProducer(
+        return _KafkaPythonClient(KafkaProducer(
             bootstrap_servers=self.kafka.servers,
             client_id=f"{self.kafka.client_id}-producer",
             acks="all",
@@ -174,7 +281,7 @@ class EventProducer:
             retry_backoff_ms=100,
             reconnect_backoff_ms=100,
             reconnect_backoff_max_ms=1000,
-        )
+        ))
 
     def _run(self) -> None:
         backoff = 0.1
@@ -240,6 +347,7 @@ class EventProducer:
                 backoff = min(backoff * 2, 5.0)
                 continue
             gen = state["gen"]
+            producer.poll()  # delivery reports (librdkafka runs them here, on this thread)
             progressed = False
             room = self.settings.max_in_flight_records - len(inflight) - len(overflow_inflight)
             if room > 0:
@@ -247,7 +355,10 @@ class EventProducer:
                 for rec in records:
                     entry = [rec.end, False, rec]
                     try:
-                        fut = producer.send(rec.topic, key=rec.key, value=rec.payload)
+                        producer.send(rec.topic, rec.key, rec.payload, functools.partial(on_ok, entry=entry, gen=gen),
+                                      functools.partial(on_err, gen=gen, entry=entry))
+                    except Backpressure:
+                        break  # not taken: sent again from this cursor after the next poll
                     except Exception as exc:
                         if _unsendable(exc):  # refused before it was even queued (e.g. too large)
                             on_err(exc, gen, entry)
@@ -258,8 +369,6 @@ class EventProducer:
                         on_err(exc, gen)
                         break
                     inflight.append(entry)
-                    fut.add_callback(on_ok, entry=entry, gen=gen)
-                    fut.add_errback(on_err, gen=gen, entry=entry)
                     if rec.end <= self._replay_horizon:
                         self.replayed += 1
                     cursor = rec.end
@@ -272,12 +381,11 @@ class EventProducer:
                         entry = [rec, False]
                         overflow_inflight.append(entry)
                         try:
-                            fut = producer.send(rec[0], key=rec[1], value=rec[2])
-                        except Exception as exc:
+                            producer.send(rec[0], rec[1], rec[2], functools.partial(on_ok, entry=entry, gen=gen),
+                                          functools.partial(on_err, gen=gen))
+                        except Exception as exc:  # Backpressure included: the rewind puts it back in order
                             on_err(exc, gen)
                             continue
-                        fut.add_callback(on_ok, entry=entry, gen=gen)
-                        fut.add_errback(on_err, gen=gen)
                     progressed = bool(batch)
             # Advance the acknowledged watermark over the contiguous prefix of delivered records.
             while inflight and inflight[0][1]:
@@ -299,7 +407,7 @@ class EventProducer:
             self.spool.ack(acked_upto)
         if producer is not None:
             try:
-                producer.close(timeout=2)
+                producer.close(2)
             except Exception:
                 pass
         self._drained.set()
