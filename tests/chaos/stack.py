@@ -60,8 +60,9 @@ def scrape(url: str) -> dict[str, float]:
     return out
 
 
-def process_stats(pid: int) -> dict[str, float]:
-    """RSS (bytes), threads, open file descriptors other than sockets, and sockets of one process, from /proc."""
+def process_stats(pid: int, data_dir: Path | None = None) -> dict[str, float]:
+    """RSS (bytes), threads, open file descriptors other than sockets, and sockets of one process, from /proc;
+    with ``data_dir``, also ``data_files``: the descriptors open on files under it (a database's parts)."""
     rss = threads = 0
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -69,7 +70,8 @@ def process_stats(pid: int) -> dict[str, float]:
                 rss = int(line.split()[1]) * 1024
             elif line.startswith("Threads:"):
                 threads = int(line.split()[1])
-    sockets = files = 0
+    sockets = files = data_files = 0
+    prefix = f"{data_dir}/" if data_dir is not None else None
     for fd in os.listdir(f"/proc/{pid}/fd"):
         try:
             target = os.readlink(f"/proc/{pid}/fd/{fd}")
@@ -79,8 +81,11 @@ def process_stats(pid: int) -> dict[str, float]:
             sockets += 1
         else:
             files += 1
+            if prefix is not None and target.startswith(prefix):
+                data_files += 1
     # Sockets come and go with client connections; a leak shows in files (and in sockets at rest).
-    return {"rss": float(rss), "threads": float(threads), "fds": float(files), "sockets": float(sockets)}
+    return {"rss": float(rss), "threads": float(threads), "fds": float(files), "sockets": float(sockets),
+            "data_files": float(data_files)}
 
 
 def child_pid(parent: int, needle: str, timeout_s: float = 20.0) -> int:

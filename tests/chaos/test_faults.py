@@ -551,11 +551,13 @@ def test_soak_steady_load(stack):
     while load.proc.poll() is None:
         for name, pid in pids.items():
             try:
-                st = process_stats(pid)
+                st = process_stats(pid, stack.warehouse_dir if name == "sink" else None)
             except OSError:
                 continue
             add(f"{name} RSS MiB", st["rss"] / 2**20)
             add(f"{name} fds", st["fds"])
+            if name == "sink":
+                add("sink fds outside the warehouse", st["fds"] - st["data_files"])
             add(f"{name} threads", st["threads"])
             add(f"{name} sockets", st["sockets"])
         add("spool MiB", stack.spool_bytes() / 2**20)
@@ -577,14 +579,15 @@ def test_soak_steady_load(stack):
     warm = SOAK_S * 0.25  # after warm-up (imports, first batches, caches)
     slopes = {k: _slope_per_min([p for p in v if p[0] >= warm]) for k, v in series.items()}
     floor = {k: _floor_slope_per_min([p for p in series[k] if p[0] >= warm])
-             for k in ("proxy fds", "sink fds", "sink threads") if k in series}
+             for k in ("proxy fds", "sink fds", "sink fds outside the warehouse", "sink threads") if k in series}
     for k in sorted(slopes):
         vals = [v for _, v in series[k]]
         print(f"soak {k}: first {vals[0]:.1f}, last {vals[-1]:.1f}, max {max(vals):.1f}, slope {slopes[k]:+.2f}/min"
               + (f", floor slope {floor[k]:+.2f}/min" if k in floor else ""))
     rss_limit = 0.5 + 2.5 / ((SOAK_S - warm) / 60)  # MiB/min; why: at the assertion below
     print(f"soak proxy RSS slope limit: {rss_limit:.2f} MiB/min")
-    key = ("proxy RSS MiB", "capture worker RSS MiB", "sink RSS MiB", "proxy fds", "sink fds", "sink threads", "spool MiB")
+    key = ("proxy RSS MiB", "capture worker RSS MiB", "sink RSS MiB", "proxy fds", "sink fds", "sink fds outside the warehouse",
+           "sink threads", "spool MiB")
     row(f"soak {SOAK_S:.0f} s at steady load", res, land, gap,
         f"{STANDIN_NOTE}; slopes after warm-up (per minute): " +
         ", ".join(f"{k} {slopes.get(k, 0):+.2f}" for k in key) +
@@ -603,12 +606,22 @@ def test_soak_steady_load(stack):
     # outdated parts: parallel removal left ~128 engine threads, each holding three procfs descriptors),
     # then +1.7/min while the engine's global pool filled lazily (4 -> ~12 threads, 3 descriptors each),
     # until the warehouse started the pool's threads at open (streams/warehouse.py ENGINE_POOL_THREADS).
-    # Compared with the start of the load and with the end of warm-up; the slopes are of the floor
-    # (see _floor_slope_per_min: queries in flight hold descriptors for a moment).
+    # Every descriptor is compared at rest, before and after the load (and with the end of warm-up).
+    # Under load, the slopes are of the floor (see _floor_slope_per_min: queries in flight hold
+    # descriptors for a moment) and, for the sink, of what it holds outside the warehouse's data:
+    # a merge opens two files per column of every part it reads for as long as it runs (a CI run at
+    # c3d35d7, after the disk-fault tests had left many small parts: 237 -> 360 for over a minute with
+    # the thread count flat, back to 237 at rest).
     warmed = {n: next((v for t, v in series.get(f"{n} fds", []) if t >= warm), a) for n, (a, _) in rest.items()}
     assert all(b <= max(a, warmed[n]) + 8 for n, (a, b) in rest.items()), \
         f"descriptors left open after the load: {rest} (after warm-up: {warmed})"
-    assert floor.get("sink fds", 0) < 2 and floor.get("sink threads", 0) < 1 and floor.get("proxy fds", 0) < 2, floor
+    # Two queries in flight (~6 descriptors each) through the last windows of a short soak still read
+    # as a slope (a 120 s soak here: 70 -> 79 outside the warehouse, threads flat, 71 at rest again);
+    # hence 1/min plus 12 spread over the window: 9/min for 120 s (a coarse guard; the at-rest
+    # comparison above is the sharp one), 2.6/min for 600 s.
+    fd_limit = 1 + 12 / ((SOAK_S - warm) / 60)
+    assert floor.get("sink fds outside the warehouse", 0) < fd_limit and floor.get("proxy fds", 0) < fd_limit \
+        and floor.get("sink threads", 0) < 1, (floor, fd_limit)
     assert sockets_after["proxy"] <= 2 * 128 + 32, sockets_after  # bounded by the load's concurrency
     # The proxy's RSS after warm-up. It grew +2.39 MiB/min (120 s soak) and +2.88 MiB/min (600 s, 55.7 -> 92.6 MiB)
     # until the feedback idempotency cache stopped keeping orjson's bytes (4 KiB allocations, 4452 bytes per
