@@ -146,7 +146,7 @@ class _ConfluentClient:
         from confluent_kafka import KafkaError, Producer
 
         self._permanent = frozenset(getattr(KafkaError, n) for n in self._PERMANENT if hasattr(KafkaError, n))
-        self.p = Producer({
+        p = Producer({
             "bootstrap.servers": ",".join(kafka.servers),
             "client.id": f"{kafka.client_id}-producer",
             "acks": "all",
@@ -167,9 +167,14 @@ class _ConfluentClient:
         }, logger=log)
         # Like kafka-python's bootstrap: fail now (and keep spooling) when the broker is not there.
         try:
-            self.p.list_topics(timeout=2)
+            p.list_topics(timeout=2)
         except Exception as exc:
-            raise ConnectionError(f"no metadata from {kafka.bootstrap_servers}: {exc}") from None
+            why = str(exc)
+            # Drop this instance now: a live one keeps its threads and reconnects (and logs) forever,
+            # and the sender tries again every few seconds while the broker is down.
+            del p
+            raise ConnectionError(f"no metadata from {kafka.bootstrap_servers}: {why}") from None
+        self.p = p
 
     def send(self, topic: str, key: bytes, value: bytes, on_ok, on_err) -> None:
         permanent = self._permanent

@@ -265,9 +265,14 @@ class ChaosStack:
         ``remount,ro`` is refused while they exist); new parts, renames and metadata files are not."""
         d = str(self.warehouse_dir)
         for cmd in (["mount", "--bind", d, d], ["mount", "-o", "remount,bind,ro", d]):
-            r = subprocess.run(cmd, capture_output=True, text=True)
-            if r.returncode:
-                raise RuntimeError(f"{' '.join(cmd)} failed ({r.stderr.strip()}): the read-only fault needs root")
+            # The read-only remount is refused (EBUSY, "mount point is busy") while a file is open for
+            # writing through the new bind mount: the sink writing a part in the moment between the two
+            # commands (a CI run at acdf422). Parts are written in milliseconds; try again for up to 5 s.
+            deadline = time.monotonic() + 5.0
+            while (r := subprocess.run(cmd, capture_output=True, text=True)).returncode:
+                if "busy" not in r.stderr or time.monotonic() > deadline:
+                    raise RuntimeError(f"{' '.join(cmd)} failed ({r.stderr.strip()}): the read-only fault needs root")
+                time.sleep(0.05)
 
     def clear_warehouse_read_only(self) -> None:
         r = subprocess.run(["umount", str(self.warehouse_dir)], capture_output=True, text=True)  # the top (bind) mount

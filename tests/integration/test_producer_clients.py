@@ -99,3 +99,24 @@ def test_a_broker_down_at_start_is_waited_for(tmp_path, client):
         assert producer.connected
     finally:
         b.stop()
+
+
+def test_a_failed_librdkafka_connect_leaves_no_client_running(tmp_path):
+    """While the broker is down at start the sender tries to connect every few seconds; each failed
+    try must not leave a librdkafka instance (its threads, reconnecting and logging) behind."""
+    import os
+
+    from streams.producer import _ConfluentClient
+
+    def threads() -> int:
+        return len(os.listdir("/proc/self/task"))
+
+    with pytest.raises(ConnectionError):  # the first one loads the library's own long-lived threads
+        _ConfluentClient(KafkaSettings(bootstrap_servers=f"127.0.0.1:{free_port()}"), ProducerSettings(spool_dir=tmp_path))
+    time.sleep(0.5)
+    before = threads()
+    for _ in range(4):
+        with pytest.raises(ConnectionError):
+            _ConfluentClient(KafkaSettings(bootstrap_servers=f"127.0.0.1:{free_port()}"), ProducerSettings(spool_dir=tmp_path))
+    time.sleep(0.5)
+    assert threads() <= before + 1, f"threads {before} -> {threads()}: failed clients are still running"
