@@ -26,6 +26,8 @@ from proxy.redaction import Redactor
 from proxy.sse import assemble
 from streams.events import InteractionEvent
 from streams.ids import new_id
+from streams.producer import event_key
+from streams.topics import INTERACTIONS
 
 log = logging.getLogger(__name__)
 
@@ -259,6 +261,20 @@ class Capture:
             self.emitted += 1
         else:
             self.dropped += 1
+
+    def record_many(self, exchanges: list[Exchange]) -> None:
+        """``record`` for a batch, handed to the producer with one spool write (``emit_many``)."""
+        records = []
+        for ex in exchanges:
+            try:
+                event = self.build(ex)
+                records.append((INTERACTIONS.name, event_key(event), event.to_json()))
+            except Exception:
+                self.failed += 1
+                log.exception("could not build the interaction event for %s", ex.interaction_id)
+        accepted = self.producer.emit_many(records)
+        self.emitted += accepted
+        self.dropped += len(records) - accepted
 
     def build(self, ex: Exchange) -> CapturedEvent:
         t_end = ex.t_end or time.perf_counter()

@@ -344,6 +344,7 @@ def worker_main(fd: int, config: dict[str, Any]) -> int:
                     log.error("the pipe ended inside a frame (the proxy died mid-write); that exchange is lost")
                 break  # EOF: the proxy closed its end (or died)
             buf += data
+            exchanges = []
             while len(buf) - pos >= FRAME.size:
                 meta_len, req_len, resp_len = FRAME.unpack_from(buf, pos)
                 end = pos + FRAME.size + meta_len + req_len + resp_len
@@ -352,13 +353,12 @@ def worker_main(fd: int, config: dict[str, Any]) -> int:
                 a = pos + FRAME.size
                 b, c = a + meta_len, a + meta_len + req_len
                 try:
-                    ex = unpack(bytes(buf[a:b]), bytes(buf[b:c]), bytes(buf[c:end]))
+                    exchanges.append(unpack(bytes(buf[a:b]), bytes(buf[b:c]), bytes(buf[c:end])))
                 except Exception:
                     capture.failed += 1
                     log.exception("could not unpack a capture frame")
-                else:
-                    capture.record(ex)
                 pos = end
+            capture.record_many(exchanges)  # one spool write for everything this read brought
             del buf[:pos]
             pos = 0
             if len(data) < PIPE_BYTES // 4:

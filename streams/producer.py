@@ -20,12 +20,11 @@ partition), else by interaction id, else by event id.
 from __future__ import annotations
 
 import collections
-import functools
 import logging
 import struct
 import threading
 import time
-from typing import Any
+from typing import Any, Sequence
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -106,16 +105,43 @@ class Backpressure(Exception):
     """The client's own queue is full: the record was not taken; try again after a poll."""
 
 
+REJECTED = "rejected"  # a _Pending's done when Kafka refused the record for good
+
+
+class _Pending:
+    """One record handed to the Kafka client, until its delivery report. It is the report callback
+    itself (``pending(err, msg)``, librdkafka's signature): one small object per record instead of
+    closures, because the capture worker pays this for every request (bench/capture_cpu.py)."""
+
+    __slots__ = ("end", "rec", "gen", "done", "failed")
+
+    def __init__(self, end: Position | None, rec: Any, gen: int, failed):
+        self.end = end  # spool position after the record (None: a record from the memory overflow)
+        self.rec = rec
+        self.gen = gen
+        self.done: bool | str = False  # True once delivered; REJECTED when refused for good
+        self.failed = failed  # the sender's handler: failed(pending, exc)
+
+    def __call__(self, err, msg=None) -> None:
+        if err is None:
+            self.done = True
+        else:
+            self.failed(self, err)
+
+
 class _KafkaPythonClient:
     """kafka-python's ``KafkaProducer`` behind the sender's three calls (``send``, ``poll``, ``close``)."""
 
     def __init__(self, producer):
         self.p = producer
 
-    def send(self, topic: str, key: bytes, value: bytes, on_ok, on_err) -> None:
+    def send(self, topic: str, key: bytes, value: bytes, pending: _Pending) -> None:
         fut = self.p.send(topic, key=key, value=value)
-        fut.add_callback(on_ok)
-        fut.add_errback(on_err)
+        fut.add_callback(lambda _meta: pending(None))
+        fut.add_errback(pending)
+
+    def error(self, err) -> BaseException:
+        return err
 
     def poll(self) -> None:
         """Delivery callbacks run on kafka-python's own I/O thread."""
@@ -176,23 +202,21 @@ class _ConfluentClient:
             raise ConnectionError(f"no metadata from {kafka.bootstrap_servers}: {why}") from None
         self.p = p
 
-    def send(self, topic: str, key: bytes, value: bytes, on_ok, on_err) -> None:
-        permanent = self._permanent
-
-        def report(err, msg) -> None:
-            if err is None:
-                on_ok(msg)
-            else:
-                on_err(DeliveryError(f"{err.name()}: {err.str()}", err.code() in permanent))
-
+    def send(self, topic: str, key: bytes, value: bytes, pending: _Pending) -> None:
         try:
-            self.p.produce(topic, value, key, on_delivery=report)
+            self.p.produce(topic, value, key, on_delivery=pending)
         except BufferError:
             raise Backpressure() from None
         except Exception as exc:  # KafkaException: refused before it was queued (too large, unknown topic)
             err = exc.args[0] if exc.args else None
             code = err.code() if hasattr(err, "code") else None
-            raise DeliveryError(str(exc), code in permanent) from None
+            raise DeliveryError(str(exc), code in self._permanent) from None
+
+    def error(self, err) -> BaseException:
+        """A delivery report's KafkaError as the exception the sender handles."""
+        if isinstance(err, BaseException):
+            return err
+        return DeliveryError(f"{err.name()}: {err.str()}", err.code() in self._permanent)
 
     def poll(self) -> None:
         self.p.poll(0)
@@ -241,26 +265,36 @@ class EventProducer:
         return self.emit_raw(BY_EVENT_TYPE[event.event_type].name, event_key(event), event.to_json())
 
     def emit_raw(self, topic: str, key: bytes, payload: bytes) -> bool:
+        return self.emit_many(((topic, key, payload),)) == 1
+
+    def emit_many(self, records: Sequence[tuple[str, bytes, bytes]]) -> int:
+        """Accept serialized records ``(topic, key, payload)`` with one spool write (the capture
+        worker's batch); returns how many were accepted, the rest were dropped and counted."""
+        if not records:
+            return 0
+        accepted = len(records)
         try:
-            self.spool.append(topic, key, payload)
+            self.spool.append_many(records)
         except SpoolFull:
-            # A right-sized copy: orjson returns a small payload inside a 4 KiB allocation (orjson
-            # 3.13.0: a 164-byte dumps() holds 4,098 bytes), so keeping its bytes would let the memory
-            # budget, which counts len(payload), hold ~20x its size of small events.
-            payload = bytes(memoryview(payload))  # one compact copy
-            with self._overflow_lock:
-                if self._overflow_bytes + len(payload) > self.settings.memory_budget_bytes:
-                    self.dropped += 1
-                    return False
-                self._overflow.append((topic, key, payload))
-                self._overflow_bytes += len(payload)
-                self.overflowed += 1
-        self.accepted += 1
+            for topic, key, payload in records:
+                # A right-sized copy: orjson returns a small payload inside a 4 KiB allocation (orjson
+                # 3.13.0: a 164-byte dumps() holds 4,098 bytes), so keeping its bytes would let the
+                # memory budget, which counts len(payload), hold ~20x its size of small events.
+                payload = bytes(memoryview(payload))  # one compact copy
+                with self._overflow_lock:
+                    if self._overflow_bytes + len(payload) > self.settings.memory_budget_bytes:
+                        self.dropped += 1
+                        accepted -= 1
+                        continue
+                    self._overflow.append((topic, key, payload))
+                    self._overflow_bytes += len(payload)
+                    self.overflowed += 1
+        self.accepted += accepted
         if not self.connected:
-            self.spooled += 1
-        if not self._wake.is_set():
+            self.spooled += accepted
+        if accepted and not self._wake.is_set():
             self._wake.set()
-        return True
+        return accepted
 
     # -- the sender thread -------------------------------------------------------------------
     def _connect(self):
@@ -291,31 +325,28 @@ class EventProducer:
     def _run(self) -> None:
         backoff = 0.1
         producer = None
-        inflight: collections.deque[list[Any]] = collections.deque()  # [end Position, done]
-        overflow_inflight: list[list[Any]] = []  # [record tuple, done]
+        inflight: collections.deque[_Pending] = collections.deque()  # spool records, in spool order
+        overflow_inflight: list[_Pending] = []
         state = {"gen": 0, "failed_gen": -1}
         cursor = self.spool.acked
         last_ack_write = 0.0
         acked_upto: Position | None = None
 
-        def on_ok(_meta, entry=None, gen=0):
-            entry[1] = True
-            self.sent += 1
-
-        def on_err(exc, gen=0, entry=None):
-            if entry is not None and _unsendable(exc):
+        def failed(pending: _Pending, err) -> None:
+            exc = producer.error(err) if producer is not None else err
+            if pending.end is not None and _unsendable(exc):
                 # A record the broker will never take (too large, invalid topic): resending it
                 # would block every later event forever. Keep a copy for an operator, count it,
                 # and let the watermark move past it.
                 self.rejected += 1
                 log.error("Kafka refused a record for good (%s: %s); kept in %s", type(exc).__name__, exc,
                           self.spool.dir / "rejected")
-                self._keep_rejected(entry)
-                entry[1] = True
+                self._keep_rejected(pending.rec)
+                pending.done = REJECTED
                 return
             self.send_failures += 1
-            if state["failed_gen"] < gen:
-                state["failed_gen"] = gen
+            if state["failed_gen"] < pending.gen:
+                state["failed_gen"] = pending.gen
                 log.warning("send to Kafka failed (%s); will resend from the spool", exc)
 
         while True:
@@ -337,13 +368,12 @@ class EventProducer:
                 # Rewind: resend everything from the first unacknowledged record, in order.
                 self.connected = False
                 state["gen"] += 1
-                gen = state["gen"]
                 inflight.clear()
                 with self._overflow_lock:
-                    for rec, done in reversed(overflow_inflight):
-                        if not done:
-                            self._overflow.appendleft(rec)
-                            self._overflow_bytes += len(rec[2])
+                    for pending in reversed(overflow_inflight):
+                        if not pending.done:
+                            self._overflow.appendleft(pending.rec)
+                            self._overflow_bytes += len(pending.rec[2])
                 overflow_inflight.clear()
                 cursor = self.spool.acked
                 self._replay_horizon = max(self._replay_horizon, self.spool.end)
@@ -357,23 +387,23 @@ class EventProducer:
             room = self.settings.max_in_flight_records - len(inflight) - len(overflow_inflight)
             if room > 0:
                 records = self.spool.read(cursor, max_records=min(room, 2000))
+                send = producer.send
                 for rec in records:
-                    entry = [rec.end, False, rec]
+                    pending = _Pending(rec.end, rec, gen, failed)
                     try:
-                        producer.send(rec.topic, rec.key, rec.payload, functools.partial(on_ok, entry=entry, gen=gen),
-                                      functools.partial(on_err, gen=gen, entry=entry))
+                        send(rec.topic, rec.key, rec.payload, pending)
                     except Backpressure:
                         break  # not taken: sent again from this cursor after the next poll
                     except Exception as exc:
                         if _unsendable(exc):  # refused before it was even queued (e.g. too large)
-                            on_err(exc, gen, entry)
-                            inflight.append(entry)
+                            failed(pending, exc)
+                            inflight.append(pending)
                             cursor = rec.end
                             progressed = True
                             continue
-                        on_err(exc, gen)
+                        failed(pending, exc)
                         break
-                    inflight.append(entry)
+                    inflight.append(pending)
                     if rec.end <= self._replay_horizon:
                         self.replayed += 1
                     cursor = rec.end
@@ -383,20 +413,25 @@ class EventProducer:
                         batch = [self._overflow.popleft() for _ in range(min(room, len(self._overflow)))]
                         self._overflow_bytes -= sum(len(r[2]) for r in batch)
                     for rec in batch:
-                        entry = [rec, False]
-                        overflow_inflight.append(entry)
+                        pending = _Pending(None, rec, gen, failed)
+                        overflow_inflight.append(pending)
                         try:
-                            producer.send(rec[0], rec[1], rec[2], functools.partial(on_ok, entry=entry, gen=gen),
-                                          functools.partial(on_err, gen=gen))
+                            send(rec[0], rec[1], rec[2], pending)
                         except Exception as exc:  # Backpressure included: the rewind puts it back in order
-                            on_err(exc, gen)
+                            failed(pending, exc)
                             continue
                     progressed = bool(batch)
             # Advance the acknowledged watermark over the contiguous prefix of delivered records.
-            while inflight and inflight[0][1]:
-                acked_upto = inflight.popleft()[0]
+            if inflight and inflight[0].done:
+                n = 0
+                while inflight and inflight[0].done:
+                    pending = inflight.popleft()
+                    acked_upto = pending.end
+                    n += pending.done is True
+                self.sent += n
                 progressed = True
-            if overflow_inflight and all(e[1] for e in overflow_inflight):
+            if overflow_inflight and all(p.done for p in overflow_inflight):
+                self.sent += len(overflow_inflight)
                 overflow_inflight.clear()
             now = time.monotonic()
             if acked_upto is not None and (now - last_ack_write > 0.05 or not inflight):
@@ -417,9 +452,8 @@ class EventProducer:
                 pass
         self._drained.set()
 
-    def _keep_rejected(self, entry: list[Any]) -> None:
+    def _keep_rejected(self, rec: Any) -> None:
         try:
-            rec = entry[2]
             out = self.spool.dir / "rejected"
             out.mkdir(exist_ok=True)
             (out / f"{rec.end.segment:012d}-{rec.end.offset:012d}.json").write_bytes(rec.payload)

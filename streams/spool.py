@@ -13,8 +13,9 @@ Record: ``MAGIC(2) | body length u32 | crc32c(body) u32 | body`` where body is
 ``topic length u16 | topic | key length u16 | key | payload``. Little endian.
 
 Durability (the fsync policy):
-- each record is written with one ``write(2)`` on an ``O_APPEND`` descriptor before ``append``
-  returns, so it survives SIGKILL of this process (it is in the kernel's page cache);
+- each record (or each batch, ``append_many``) is written with one ``write(2)`` on an ``O_APPEND``
+  descriptor before ``append`` returns, so it survives SIGKILL of this process (it is in the
+  kernel's page cache);
 - the active segment is ``fsync``-ed every ``fsync_interval_s`` (default 1 s) and on rotation and
   close, so a power loss or kernel crash loses at most the last ``fsync_interval_s`` of records;
 - ``acked`` is written with write-to-temp + ``rename`` (atomic); losing it only means records that
@@ -23,6 +24,12 @@ Durability (the fsync policy):
 Damage: a torn tail (a crash mid-write at the OS level) or a corrupt record is reported (logged and
 counted in ``corrupt_records``), skipped by scanning for the next valid record, and the rest replays.
 A reopened spool never appends to an old segment: it starts a new one.
+
+Reading: the records appended by this process are also kept in memory (up to ``tail_bytes``) until
+the reader has passed them, so the sender, which usually reads what was just appended, does not
+read the file back and check every CRC again (bench/capture_cpu.py: the sender's CPU per record).
+The file stays the truth: after a rewind, a restart, or when the reader fell behind the memory
+budget, ``read`` reads the file as before.
 """
 
 from __future__ import annotations
@@ -32,8 +39,9 @@ import logging
 import os
 import struct
 import threading
-from dataclasses import dataclass
+from collections import deque
 from pathlib import Path
+from typing import NamedTuple, Sequence
 
 import crc32c
 
@@ -57,26 +65,29 @@ class SpoolLocked(OnpolicyUserError):
     """Another process owns this spool directory."""
 
 
-@dataclass(frozen=True, order=True)
-class Position:
-    """A place in the spool: a segment number and a byte offset inside it."""
+class Position(NamedTuple):
+    """A place in the spool: a segment number and a byte offset inside it (ordered as a tuple)."""
 
     segment: int
     offset: int
 
 
-@dataclass(frozen=True)
-class Record:
+class Record(NamedTuple):
     topic: str
     key: bytes
     payload: bytes
     end: Position  # the position just after this record
 
 
-def encode_record(topic: str, key: bytes, payload: bytes) -> bytes:
+def _record_head(topic: str, key: bytes, payload: bytes) -> bytes:
+    """Everything of a record but its payload: header, topic and key (the CRC runs on without a copy)."""
     topic_b = topic.encode()
-    body = b"".join((_U16.pack(len(topic_b)), topic_b, _U16.pack(len(key)), key, payload))
-    return _HEADER.pack(MAGIC, len(body), crc32c.crc32c(body)) + body
+    prefix = b"".join((_U16.pack(len(topic_b)), topic_b, _U16.pack(len(key)), key))
+    return _HEADER.pack(MAGIC, len(prefix) + len(payload), crc32c.crc32c(payload, crc32c.crc32c(prefix))) + prefix
+
+
+def encode_record(topic: str, key: bytes, payload: bytes) -> bytes:
+    return _record_head(topic, key, payload) + payload
 
 
 def _decode_body(body: bytes) -> tuple[str, bytes, bytes]:
@@ -91,7 +102,8 @@ class Spool:
     """The write-ahead spool. ``append`` is thread-safe; one reader (the sender) at a time."""
 
     def __init__(self, directory: str | os.PathLike, *, segment_bytes: int = 16 * 1024 * 1024,
-                 disk_budget_bytes: int = 1024 * 1024 * 1024, fsync_interval_s: float = 1.0):
+                 disk_budget_bytes: int = 1024 * 1024 * 1024, fsync_interval_s: float = 1.0,
+                 tail_bytes: int = 8 * 1024 * 1024):
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.segment_bytes = segment_bytes
@@ -117,6 +129,11 @@ class Spool:
         self._delete_delivered(self._acked)
         self._dirty = False
         self._closed = False
+        # (start, record) of what this process appended and the reader has not passed yet, in order
+        # and without gaps; cleared whenever a record does not fit in ``tail_bytes``
+        self.tail_bytes = tail_bytes
+        self._tail: deque[tuple[Position, Record]] = deque()
+        self._tail_size = 0
         self._stop = threading.Event()
         self._fsync_thread = threading.Thread(target=self._fsync_loop, name="spool-fsync", daemon=True)
         self._fsync_thread.start()
@@ -124,7 +141,13 @@ class Spool:
     # -- writing ---------------------------------------------------------------------------
     def append(self, topic: str, key: bytes, payload: bytes) -> Position:
         """Append one record; when this returns the record survives SIGKILL. Raises SpoolFull."""
-        data = encode_record(topic, key, payload)
+        return self.append_many(((topic, key, payload),))
+
+    def append_many(self, records: Sequence[tuple[str, bytes, bytes]]) -> Position:
+        """Append records with one ``write(2)``: all of them survive SIGKILL when this returns, or
+        none was written (SpoolFull). Returns the position after the last one."""
+        heads = [_record_head(topic, key, payload) for topic, key, payload in records]
+        data = b"".join([part for head, (_, _, payload) in zip(heads, records) for part in (head, payload)])
         with self._lock:
             if self._closed:
                 raise SpoolFull("spool is closed")
@@ -140,9 +163,20 @@ class Spool:
             if written != len(data):
                 self._truncate_partial()
                 raise SpoolFull("short write to spool (disk full?)")
-            self._sizes[self._active] += written
+            seg, offset = self._active, self._sizes[self._active]
+            self._sizes[seg] = offset + written
             self._dirty = True
-            return Position(self._active, self._sizes[self._active])
+            tail = self._tail
+            for head, (topic, key, payload) in zip(heads, records):
+                start = Position(seg, offset)
+                offset += len(head) + len(payload)
+                if self._tail_size + len(payload) > self.tail_bytes:
+                    tail.clear()  # the reader is behind: it reads the file until it reaches what follows
+                    self._tail_size = 0
+                    continue
+                tail.append((start, Record(topic, key, payload, Position(seg, offset))))
+                self._tail_size += len(payload)
+            return Position(seg, offset)
 
     def _truncate_partial(self) -> None:
         try:
@@ -204,6 +238,17 @@ class Spool:
         """Records from ``start`` on (crossing segments), up to what has been appended so far."""
         out: list[Record] = []
         with self._lock:
+            tail = self._tail
+            while tail and tail[0][0] < start:  # passed by the reader
+                self._tail_size -= len(tail.popleft()[1].payload)
+            if tail and tail[0][0] == start:  # what was just appended: no file read, no CRC check
+                consumed = 0
+                while tail and len(out) < max_records and consumed < max_bytes:
+                    rec = tail.popleft()[1]
+                    self._tail_size -= len(rec.payload)
+                    consumed += len(rec.payload)
+                    out.append(rec)
+                return out
             sizes = dict(self._sizes)
         seg, offset = start.segment, start.offset
         consumed = 0
