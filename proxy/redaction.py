@@ -39,13 +39,17 @@ _TAGS = {"email": "[EMAIL]", "secret": "[SECRET]", "phone": "[PHONE]"}
 
 
 # Faster detectors for the default rules on ASCII text (the usual case), each a superset of its
-# precise pattern, built from searches that run at memchr/two-way speed instead of the regex engine's
-# per-character loop (which cost ~100 us per 2 KB request; bench/capture_cpu.py):
+# precise pattern, built from scans that run at memchr speed instead of the regex engine's
+# per-character loop (which cost ~100 us per 2 KB request; bench/capture_cpu.py). They read the
+# text's ASCII bytes.
 # - email: an ``@``;
-# - secret: one of the literal prefixes, each looked for only when its rarest character is there;
+# - secret: each literal prefix is looked for around its rarest character (``-`` for ``sk-`` and
+#   ``xox?-``, ``K`` for ``AKIA``, ``_`` for ``gh?_``, ``B`` for ``Bearer``): a ``find`` per
+#   occurrence while there are few, else a substring search (CPython's is slow for 3-byte needles:
+#   ~1.8 us per 3 KB each);
 # - phone: every match of the precise pattern contains ``\d{3}[ .-]\d{3}`` or ``+\d{10}``. One
 #   ``bytes.translate`` maps digits to ``D``, the separators to ``s`` and the rest to ``x``; then
-#   those shapes are two literal searches. Prices, dates, versions and plain numbers ("42.50",
+#   those shapes are literal searches. Prices, dates, versions and plain numbers ("42.50",
 #   "2026-11-26", "58213") no longer wake the precise phone pattern. Only for ASCII: ``\d`` also
 #   matches other scripts' digits.
 _SHAPES = bytearray(b"x" * 256)
@@ -54,21 +58,54 @@ for _c in b" .-":
     _SHAPES[_c] = ord("s")
 _SHAPES[ord("+")] = ord("+")
 _SHAPES = bytes(_SHAPES)
-_GH = re.compile(r"gh[pousr]_")
+_FEW = 12  # occurrences of a prefix's rare character worth checking one by one
 
 
-def _maybe_email(text: str) -> bool:
-    return "@" in text
+def _around(data: bytes, char: bytes, needles: tuple[bytes, ...], at) -> bool:
+    """Whether a needle occurs, looked for where ``char`` occurs (``at(data, i)``; ``find`` of one
+    byte is a memchr) while it is rare, else by substring search."""
+    i = data.find(char)
+    checked = 0
+    while i != -1:
+        if at(data, i):
+            return True
+        checked += 1
+        if checked == _FEW:
+            return any(needle in data for needle in needles)
+        i = data.find(char, i + 1)
+    return False
 
 
-def _maybe_secret(text: str) -> bool:
-    return (("-" in text and ("sk-" in text or "xox" in text)) or ("K" in text and "AKIA" in text)
-            or ("B" in text and "Bearer " in text) or ("_" in text and _GH.search(text) is not None))
+def _at_dash(b: bytes, i: int) -> bool:  # sk- / xox?-
+    return (i >= 2 and b[i - 2:i] == b"sk") or (i >= 4 and b[i - 4:i - 1] == b"xox")
 
 
-def _maybe_phone(text: str) -> bool:
-    shaped = text.encode("ascii").translate(_SHAPES)
-    return b"DDDsDDD" in shaped or b"+DDDDDDDDDD" in shaped
+def _at_k(b: bytes, i: int) -> bool:  # AKIA
+    return i >= 1 and b[i - 1:i + 3] == b"AKIA"
+
+
+def _at_underscore(b: bytes, i: int) -> bool:  # gh?_
+    return i >= 3 and b[i - 3:i - 1] == b"gh" and b[i - 1] in b"pousr"
+
+
+def _at_b(b: bytes, i: int) -> bool:  # Bearer
+    return b.startswith(b"Bearer ", i)
+
+
+def _maybe_email(data: bytes) -> bool:
+    return b"@" in data
+
+
+def _maybe_secret(data: bytes) -> bool:
+    return (_around(data, b"-", (b"sk-", b"xox"), _at_dash)
+            or _around(data, b"K", (b"AKIA",), _at_k)
+            or _around(data, b"_", (b"gh",), _at_underscore)
+            or _around(data, b"B", (b"Bearer ",), _at_b))
+
+
+def _maybe_phone(data: bytes) -> bool:
+    shaped = data.translate(_SHAPES)
+    return b"DDDsDDD" in shaped or (b"+" in data and b"+DDDDDDDDDD" in shaped)
 
 
 _ASCII_DETECTORS = {"email": _maybe_email, "secret": _maybe_secret, "phone": _maybe_phone}
@@ -80,21 +117,23 @@ class RegexRedactor:
     def __init__(self, rules: tuple[tuple[str, str, str], ...] = _RULES):
         self._rules = [(name, re.compile(pattern), re.compile(detector)) for name, pattern, detector in rules]
         # the default rules get the faster detectors above on ASCII text; custom rules their own
-        self._ascii = [_ASCII_DETECTORS[name] if rules is _RULES else detector.search
-                       for (name, _, detector) in self._rules]
+        self._default = rules is _RULES
+        self._ascii = [_ASCII_DETECTORS[name] if self._default else None for (name, _, _) in self._rules]
         self.counts: dict[str, int] = {name: 0 for name, _, _ in rules}
 
     def redact(self, text: str) -> str:
         ascii_ = text.isascii()
+        data = text.encode("ascii") if ascii_ and self._default else b""
         for (name, pattern, detector), fast in zip(self._rules, self._ascii):
-            if ascii_:
-                if not fast(text):
+            if fast is not None and ascii_:
+                if not fast(data):
                     continue
             elif detector.search(text) is None:
                 continue
             text, n = pattern.subn(_TAGS.get(name, "[REDACTED]"), text)
             if n:
                 self.counts[name] += n
+                data = text.encode("ascii") if data else data
         return text
 
 
