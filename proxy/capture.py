@@ -70,11 +70,16 @@ def _strings(value: Any, out: list[str]) -> None:
     t = type(value)
     if t is str:
         out.append(value)
-    elif t is dict:
-        for v in value.values():
-            _strings(v, out)
-    elif t is list:
-        for v in value:
+        return
+    if t is dict:
+        value = value.values()
+    elif t is not list:
+        return
+    for v in value:  # leaves are handled here: a call per container, not per value
+        t = type(v)
+        if t is str:
+            out.append(v)
+        elif t is dict or t is list:
             _strings(v, out)
 
 
@@ -105,9 +110,9 @@ def redact_all(redactor: Redactor, values: list[Any]) -> list[Any]:
         _strings(v, strings)
     if not strings:
         return values
-    if any(SEPARATOR in s for s in strings):  # a string with a NUL in it: redact one by one
-        return [_replace_strings(v, iter([redactor.redact(s) for s in _collect(v)])) for v in values]
     joined = SEPARATOR.join(strings)
+    if joined.count(SEPARATOR) != len(strings) - 1:  # a string with a NUL in it: redact one by one
+        return [_replace_strings(v, iter([redactor.redact(s) for s in _collect(v)])) for v in values]
     redacted = redactor.redact(joined)
     if redacted == joined:
         return values

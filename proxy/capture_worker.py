@@ -1,15 +1,17 @@
 """Capture in its own process, so the relay's event loop only pays for handing bytes over.
 
-Why: building an event (SSE assembly, redaction, serialization) and sending it (the spool plus
-kafka-python's sender thread) costs more CPU than relaying the request, and in the relay's process
-it competes for the GIL with the event loop. So the proxy writes each finished exchange -- the raw
+Why: building an event (SSE assembly, redaction, serialization) and sending it (the spool and the
+Kafka client) costs CPU on the scale of relaying the request, and in the relay's process it
+competes for the GIL with the event loop. So the proxy writes each finished exchange -- the raw
 request body, the raw response bytes and a few fields -- as one frame to a pipe (a non-blocking
 ``write(2)``), and a child process (``python -m proxy.capture_worker``) builds the
-``InteractionEvent`` and calls ``EventProducer.emit`` (its own spool directory).
+events and hands what one read of the pipe brought to ``EventProducer.emit_many``
+(one write to its own spool).
 
 Frame: ``meta length u32 | request length u32 | response length u32`` (little endian), then the
-meta JSON (the ``Exchange`` fields), the request body as the client sent it, and the response body
-(or the stream's bytes as relayed, or the JSON of a response object).
+meta JSON (an array: the response's kind, then the ``Exchange`` fields in ``_META_FIELDS`` order),
+the request body as the client sent it, and the response body (or the stream's bytes as relayed,
+or the JSON of a response object).
 
 Delivery promises, in order:
 - the handover never blocks the relay: if the pipe is full, frames queue in memory (bounded by
@@ -32,6 +34,7 @@ import fcntl
 import itertools
 import json
 import logging
+import operator
 import os
 import signal
 import struct
@@ -57,29 +60,30 @@ _META_FIELDS = ("endpoint", "interaction_id", "public_model", "t0", "upstream", 
                 "abandoned", "handed_at")
 
 
+_meta_values = operator.attrgetter(*_META_FIELDS)
+
+
 def pack(ex: Exchange, request_body: bytes) -> bytes:
-    meta = {name: getattr(ex, name) for name in _META_FIELDS}
     if ex.response is not None:
-        response, meta["kind"] = [orjson.dumps(ex.response)], "object"
+        response, kind = [orjson.dumps(ex.response)], "object"
     elif ex.body is not None:
-        response, meta["kind"] = [ex.body], "body"
+        response, kind = [ex.body], "body"
     else:
-        response, meta["kind"] = ex.chunks, "chunks"
-    meta_b = orjson.dumps(meta)
+        response, kind = ex.chunks, "chunks"
+    meta_b = orjson.dumps((kind, *_meta_values(ex)))  # an array: no dict built per request
     size = sum(len(c) for c in response)
     return b"".join((FRAME.pack(len(meta_b), len(request_body), size), meta_b, request_body, *response))
 
 
 def unpack(meta_b: bytes, request_body: bytes, response: bytes) -> Exchange:
-    meta = orjson.loads(meta_b)
-    kind = meta.pop("kind")
+    kind, *values = orjson.loads(meta_b)
     try:
         request = orjson.loads(request_body)
         if not isinstance(request, dict):
             request = {"body": request}
     except orjson.JSONDecodeError:
         request = {"body": request_body[:10000].decode(errors="replace")}
-    ex = Exchange(request=request, request_body=request_body, **{k: meta[k] for k in _META_FIELDS})
+    ex = Exchange(request=request, request_body=request_body, **dict(zip(_META_FIELDS, values)))
     if kind == "object":
         ex.response = orjson.loads(response)
     elif kind == "body":
