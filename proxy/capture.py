@@ -26,7 +26,6 @@ from proxy.redaction import Redactor
 from proxy.sse import assemble
 from streams.events import InteractionEvent
 from streams.ids import new_id
-from streams.producer import event_key
 from streams.topics import INTERACTIONS
 
 log = logging.getLogger(__name__)
@@ -273,7 +272,9 @@ class Capture:
         for ex in exchanges:
             try:
                 event = self.build(ex)
-                records.append((INTERACTIONS.name, event_key(event), event.to_json()))
+                d = event.data  # streams.producer.event_key, without three attribute look-ups by __getattr__
+                key = (d["episode_id"] or d["interaction_id"] or d["event_id"]).encode()
+                records.append((INTERACTIONS.name, key, event.to_json()))
             except Exception:
                 self.failed += 1
                 log.exception("could not build the interaction event for %s", ex.interaction_id)

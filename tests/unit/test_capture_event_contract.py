@@ -80,6 +80,28 @@ def test_captured_events_are_byte_for_byte_the_models(name):
     assert event_key(ev) == event_key(model)
 
 
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_a_batch_hands_the_producer_the_records_emit_would(name):
+    """The worker's path (``record_many`` -> ``emit_many``): topic, key and payload as ``emit`` of the event."""
+    from streams.topics import INTERACTIONS
+
+    class KeepMany:
+        def __init__(self):
+            self.records = []
+
+        def emit_many(self, records):
+            self.records += records
+            return len(records)
+
+    cap = Capture(KeepMany(), RegexRedactor())
+    cap.record_many([_exchange(**{**CASES[name], "episode_id": ep}) for ep in (None, "ep-1")])
+    assert cap.emitted == 2 and cap.failed == 0
+    for topic, key, payload in cap.producer.records:
+        model = decode(payload)
+        assert topic == INTERACTIONS.name and key == event_key(model)
+        assert payload == model.model_dump_json().encode()  # the model's bytes, as emit() sends
+
+
 def test_values_the_fast_checks_do_not_vouch_for_go_through_the_model():
     cap = Capture(Keep(), RegexRedactor())
     cap.record(_exchange(body=BODY, t0=0, t_end=1))  # int latencies: coerced to floats by the model
