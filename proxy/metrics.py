@@ -1,39 +1,108 @@
 """Prometheus metrics of one proxy (its own registry, so tests can build many apps in one process).
 
-Hot-path cost is kept to two dict look-ups and two ``observe`` calls per request: label children are
-cached, and the label values are bounded (at most ``MAX_MODELS`` model names, then ``other``), so a
-client sending random model names cannot grow /metrics without bound.
+The per-request series are plain Python numbers updated on the event loop (the only writer) and
+turned into Prometheus families at scrape time: prometheus_client's own Counter and Histogram take a
+lock per increment and walk the buckets in Python, 2.4 us per request for the four updates a request
+makes (3.7 us with a stream's time to first token); these take ~0.8 us. Label children are cached
+and the label values bounded (at most ``MAX_MODELS`` model names, then ``other``), so a client
+sending random model names cannot grow /metrics without bound.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from bisect import bisect_left
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 MAX_MODELS = 64
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
-class ProxyMetrics:
+class _Count:
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def inc(self, amount: int = 1) -> None:
+        self.value += amount
+
+    def dec(self, amount: int = 1) -> None:
+        self.value -= amount
+
+
+class _Hist:
+    __slots__ = ("counts", "sum")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(_LATENCY_BUCKETS) + 1)  # per bucket (le = bound), the last one +Inf
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect_left(_LATENCY_BUCKETS, seconds)] += 1
+        self.sum += seconds
+
+
+class _Family:
+    """A labelled metric: ``labels(*values)`` gives the child (created on first use)."""
+
+    def __init__(self, kind: str, name: str, doc: str, labels: tuple[str, ...]):
+        self.kind, self.name, self.doc, self.label_names = kind, name, doc, labels
+        self.children: dict[tuple[str, ...], _Count | _Hist] = {}
+        self._child = _Hist if kind == "histogram" else _Count
+
+    def labels(self, *values: str):
+        child = self.children.get(values)
+        if child is None:
+            child = self.children[values] = self._child()
+        return child
+
+    def family(self):
+        if self.kind == "counter":
+            fam = CounterMetricFamily(self.name, self.doc, labels=self.label_names)
+            for values, child in self.children.items():
+                fam.add_metric(values, child.value)
+            return fam
+        fam = HistogramMetricFamily(self.name, self.doc, labels=self.label_names)
+        for values, child in self.children.items():
+            running, buckets = 0, []
+            for bound, n in zip((*_LATENCY_BUCKETS, float("inf")), child.counts):
+                running += n
+                buckets.append(("+Inf" if bound == float("inf") else repr(float(bound)), running))
+            fam.add_metric(values, buckets, child.sum)
+        return fam
+
+
+class ProxyMetrics(Collector):
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
-        self.requests = Counter("onpolicy_proxy_requests_total", "Requests answered, by route, model, version and status.",
-                                ("route", "model", "version", "status"), registry=r)
-        self.latency = Histogram("onpolicy_proxy_request_seconds", "Time from request received to last byte sent.",
-                                 ("route", "model", "version", "status"), buckets=_LATENCY_BUCKETS, registry=r)
-        self.upstream_latency = Histogram("onpolicy_proxy_upstream_seconds", "Time until the upstream's response headers.",
-                                          ("route", "upstream"), buckets=_LATENCY_BUCKETS, registry=r)
-        self.ttft = Histogram("onpolicy_proxy_time_to_first_token_seconds", "Streams: time until the first chunk reached the client.",
-                              ("route", "model", "version"), buckets=_LATENCY_BUCKETS, registry=r)
-        self.in_flight = Gauge("onpolicy_proxy_in_flight_requests", "Requests being served now.", registry=r)
-        self.abandoned = Counter("onpolicy_proxy_abandoned_total", "Requests whose client left before the response was complete.",
-                                 ("route",), registry=r)
-        self.upstream_errors = Counter("onpolicy_proxy_upstream_errors_total", "Upstream unreachable, timed out or cut a stream.",
-                                       ("route", "kind"), registry=r)
+        self.requests = _Family("counter", "onpolicy_proxy_requests", "Requests answered, by route, model, version and status.",
+                                ("route", "model", "version", "status"))
+        self.latency = _Family("histogram", "onpolicy_proxy_request_seconds", "Time from request received to last byte sent.",
+                               ("route", "model", "version", "status"))
+        self.upstream_latency = _Family("histogram", "onpolicy_proxy_upstream_seconds",
+                                        "Time until the upstream's response headers.", ("route", "upstream"))
+        self.ttft = _Family("histogram", "onpolicy_proxy_time_to_first_token_seconds",
+                            "Streams: time until the first chunk reached the client.", ("route", "model", "version"))
+        self.in_flight = _Count()
+        self.abandoned = _Family("counter", "onpolicy_proxy_abandoned",
+                                 "Requests whose client left before the response was complete.", ("route",))
+        self.upstream_errors = _Family("counter", "onpolicy_proxy_upstream_errors",
+                                       "Upstream unreachable, timed out or cut a stream.", ("route", "kind"))
         self._children: dict[tuple, tuple] = {}
         self._models: set[str] = set()
+        self.registry.register(self)
+
+    def collect(self):
+        for fam in (self.requests, self.latency, self.upstream_latency, self.ttft):
+            yield fam.family()
+        g = GaugeMetricFamily("onpolicy_proxy_in_flight_requests", "Requests being served now.")
+        g.add_metric([], self.in_flight.value)
+        yield g
+        yield self.abandoned.family()
+        yield self.upstream_errors.family()
 
     def _model_label(self, model: str) -> str:
         if model in self._models:
@@ -44,10 +113,10 @@ class ProxyMetrics:
         return "other"
 
     def observe_upstream(self, route: str, upstream: str, seconds: float) -> None:
-        child = self._children.get((route, upstream))
-        if child is None:
-            child = self._children[(route, upstream)] = self.upstream_latency.labels(route, upstream)
-        child.observe(seconds)
+        self.upstream_latency.labels(route, upstream).observe(seconds)
+
+    def observe_ttft(self, route: str, model: str, version: str | None, seconds: float) -> None:
+        self.ttft.labels(route, self._model_label(model), version or "base").observe(seconds)
 
     def observe(self, route: str, model: str, version: str | None, status: int, seconds: float) -> None:
         key = (route, model, version, status)
@@ -57,7 +126,7 @@ class ProxyMetrics:
             pair = (self.requests.labels(*labels), self.latency.labels(*labels))
             if len(self._children) < 10_000:
                 self._children[key] = pair
-        pair[0].inc()
+        pair[0].value += 1
         pair[1].observe(seconds)
 
 

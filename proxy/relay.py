@@ -312,7 +312,7 @@ async def _relay_stream(request, st: ProxyState, upstream: Http1Response, ex: Ex
     finally:
         upstream.release()
     if ex.t_first is not None:
-        st.metrics.ttft.labels(ex.endpoint, ex.public_model, ex.adapter_version or "base").observe(ex.t_first - ex.t0)
+        st.metrics.observe_ttft(ex.endpoint, ex.public_model, ex.adapter_version, ex.t_first - ex.t0)
     ex.t_end = time.perf_counter()
     return resp
 
