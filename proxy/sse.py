@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from io import BytesIO
+from operator import itemgetter
 from typing import Any
 
 import orjson
@@ -65,83 +67,159 @@ def _parse_all(payloads: list[bytes]) -> list[Any]:
         return out
 
 
-_CONTENT = re.compile(rb'"content":"((?:[^"\\]+|\\.)*)"')
-# Anything that needs the general path: several choices, tool calls, logprobs, reasoning, errors,
-# or JSON that is not compact (the byte patterns below assume vLLM's compact separators).
-_NOT_SIMPLE = (b'"tool_calls"', b'"logprobs":{', b'"error"', b'"reasoning', b'"function_call"', b'\r')
-_OTHER_CHOICE = re.compile(rb'"index":[1-9]')
+_STRING_BODY = re.compile(rb'(?:[^"\\]+|\\.)*')  # a JSON string's body: what lies before its closing quote
+_SEP = "\x7f"  # joins content strings for one decode: it continues no escape nor UTF-8 sequence
+_ROLE = b'"role":"assistant","content":"'
+_DONE = b"\n\ndata: [DONE]\n\n"
 
 
 def _fast_chat(raw: bytes) -> Assembled | None:
-    """The common stream -- one choice, text only -- assembled without parsing every chunk: the
-    content strings are cut out of the raw bytes and decoded once; the first and last chunks are
-    parsed for the envelope, the finish reason and usage. None when the stream is not that shape.
+    """The common stream -- one choice, text only, the chunks between the first and the last ones
+    the same bytes but for their content -- assembled without parsing every chunk. None when the
+    stream is not that shape; when it is, the result is exactly the general path's.
 
-    One regex pass splits the stream into content strings and what lies between them (the
-    envelopes). Every check runs on the envelopes only -- a content string cannot hold a quote,
-    newline or CR unescaped, so no marker hides in it -- and a stream's envelopes between two
-    contents are usually all the same bytes (same id, created, model), so each check reads one.
+    The second event gives the bytes around a content string (``prefix``, ``suffix``), and one parse
+    of prefix + sentinel + suffix what such a chunk does (``_middle_chunk``). The middle events are
+    cut out of the lines at fixed offsets; one compare of the bytes rebuilt from those contents with
+    the stream proves each event is prefix + content + suffix, and the contents' decode that each is
+    a valid JSON string body (``_decode``). The first event is either that envelope with
+    ``"role":"assistant"`` before an empty content (vLLM's first chunk) or is parsed; the events
+    after the middle ones are parsed as the general path parses them.
     """
-    if not raw.startswith(b"data: "):
+    lines = BytesIO(raw).readlines()  # memchr-fast; the blank lines are all the one cached b"\n"
+    if len(lines) < 6 or lines[1] != b"\n" or raw.find(b"\r") >= 0:
         return None
-    end = raw.rfind(b"\n\n")
-    if end < 0:
+    second = lines[2]
+    at = second.find(b'"content":"') + 11
+    if at == 10:
         return None
-    complete = raw if end + 2 == len(raw) else raw[: end + 2]  # a cut stream's torn last event is dropped
-    pieces = _CONTENT.split(complete)  # envelope, content, envelope, content, ..., envelope
-    contents = pieces[1::2]
-    envelopes = pieces[0::2]
-    mids = envelopes[1:-1]
-    if len(mids) > 1 and mids.count(mids[0]) == len(mids):
-        distinct, weights = (envelopes[0], mids[0], envelopes[-1]), (1, len(mids), 1)
+    end = second.find(b'"', at)
+    if second[end - 1] == 92:  # a backslash: the quote may be escaped, find the content's end
+        end = _STRING_BODY.match(second, at).end()
+    prefix, suffix = second[6:at], second[end:]  # suffix: the closing quote to the newline
+    glue = suffix + b"\ndata: " + prefix
+    if glue.count(b"\n") != 2 or suffix[:1] != b'"' or second[:6] != b"data: ":
+        return None
+    chunk = _middle_chunk(prefix, suffix)
+    if chunk is None:
+        return None
+    last = (len(lines) - 3) & -2  # the last event line that another event follows
+    while last > 2 and not lines[last].endswith(suffix):
+        last -= 2
+    contents = list(map(itemgetter(slice(at, -len(suffix))), lines[2:last + 1:2]))
+    middle = glue.join(contents)
+    start = len(lines[0]) + 1 + at
+    after = start + len(middle)  # where the last middle event's suffix starts
+    if not raw.startswith(middle, start) or not raw.startswith(glue[:len(suffix) + 7], after):
+        return None
+    text = _decode(contents)
+    if text is None:
+        return None
+    tail = raw[after + len(suffix) + 1:]  # the events after the middle ones
+    payloads = tail[6:-16].split(b"\n\ndata: ")
+    if tail.endswith(_DONE) and tail.count(b"\n") == 2 * len(payloads) + 2 and b"[DONE]" not in payloads:
+        done = True  # each event one data line, then [DONE]: the payloads sse_payloads finds
     else:
-        distinct, weights = envelopes, (1,) * len(envelopes)
-    for e in distinct:
-        if any(marker in e for marker in _NOT_SIMPLE) or _OTHER_CHOICE.search(e) is not None:
+        payloads, done = sse_payloads(tail)
+    rest = _parse_all(payloads)
+    choice = chunk["choices"][0]
+    vllm_first = lines[0] == second[:at - 11] + _ROLE + suffix
+    if vllm_first and (plain := _plain_end(rest)) is not None:  # what _assemble_choices would build
+        parts, finish, extra, usage = plain
+        obj = chunk.get("object", "")
+        message = {"role": "assistant", "content": text + "".join(parts) or None}
+        response = {"id": chunk.get("id"), "object": obj[: -len(".chunk")] if obj.endswith(".chunk") else obj,
+                    "created": chunk.get("created"), "model": chunk.get("model"),
+                    "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish, **extra}],
+                    "usage": usage}
+        return Assembled(response=response, finish_reasons=[finish], usage=usage, complete=done)
+    if vllm_first:  # the role goes in front of the content key: one more member of the same delta
+        first = {**chunk, "choices": [{**choice, "delta": {"role": "assistant", "content": ""}}]}
+    else:
+        try:  # inside an array, like the middle chunk's parse
+            parsed = orjson.loads(b"[" + lines[0][6:] + b"]")
+        except orjson.JSONDecodeError:
             return None
-    # every event must be a single data line: its only newlines are the blank line that ends it
-    events = 1 + sum(w * e.count(b"\n\ndata: ") for e, w in zip(distinct, weights))
-    if sum(w * e.count(b"\n") for e, w in zip(distinct, weights)) != 2 * events:
-        return None
-    first = complete[6 : complete.find(b"\n\n")]
-    parts = complete[6:-2].rsplit(b"\n\ndata: ", 3)
-    if events == 1:
-        parts = [first]
-    done = parts[-1] == b"[DONE]"
-    if done:
-        parts.pop()
-        if events == 1:
+        if len(parsed) != 1 or lines[0][:6] != b"data: ":
             return None
-    if b'": ' in first or b'", "' in first:  # not compact JSON: the byte patterns do not apply
-        return None
+        first = parsed[0]
+    choice["delta"]["content"] = text  # the middle chunks as one: all each does is add its text
+    return _assemble_choices([first, chunk, *rest], done, chat=True)
+
+
+def _decode(contents: list[bytes]) -> str | None:
+    """The content strings decoded and joined; None unless each is a valid JSON string body.
+
+    One decode: a quote left unescaped ends the string early, which the parse refuses. Where an
+    escape or a UTF-8 sequence could run from one piece into the next (a backslash, a non-ASCII
+    byte), the pieces are joined by _SEP, which no escape or sequence can take as its continuation,
+    and a count tells the joins from a _SEP in the text.
+    """
+    body = b"".join(contents)
     try:
-        head = orjson.loads(first)
-        tail = [orjson.loads(p) for p in parts[-2:]] if events - done > 1 else [head]
-        text = orjson.loads(b'"' + b"".join(contents) + b'"')
+        if body.isascii() and body.find(b"\\") < 0:
+            return orjson.loads(b'"' + body + b'"')
+        text = orjson.loads(b'"' + _SEP.encode().join(contents) + b'"')
     except orjson.JSONDecodeError:
         return None
-    finish = None
-    usage = None
-    extra = {}
-    role = "assistant"
-    for ch in (head, *tail):
-        if not isinstance(ch, dict):
+    return text.replace(_SEP, "") if text.count(_SEP) == len(contents) - 1 else None
+
+
+def _middle_chunk(prefix: bytes, suffix: bytes) -> dict[str, Any] | None:
+    """The chunk prefix + X + suffix, parsed with a sentinel for X; None unless all it does is add
+    X's text to choice 0.
+
+    The sentinel is longer than any string that lies in the prefix or the suffix alone, so finding it
+    in choices[0].delta.content proves that is where X lands: the parse with any valid string body
+    in its place is this one with that body's text there.
+    """
+    sentinel = "x" * max(len(prefix), len(suffix))
+    try:  # inside an array, as the general path parses it: at the depth it has there, and one value
+        parsed = orjson.loads(b"[" + prefix + sentinel.encode() + suffix + b"]")
+    except orjson.JSONDecodeError:
+        return None
+    chunk = parsed[0] if len(parsed) == 1 else None
+    if type(chunk) is not dict or "error" in chunk or chunk.get("usage"):
+        return None
+    choices = chunk.get("choices")
+    if type(choices) is not list or len(choices) != 1:
+        return None
+    c = choices[0]
+    if (type(c) is not dict or c.get("delta") != {"content": sentinel} or c.get("finish_reason") is not None
+            or c.get("logprobs") or type(c.get("index", 0)) is not int or c.get("index", 0)):
+        return None
+    return chunk
+
+
+def _plain_end(chunks: list[Any]) -> tuple[list[str], Any, dict[str, Any], Any] | None:
+    """What the chunks after the middle ones add to choice 0 (text, finish and stop reason) and the
+    usage they carry, when each is a plain finish or usage chunk; None when one is not."""
+    parts: list[str] = []
+    finish = usage = None
+    extra: dict[str, Any] = {}
+    for chunk in chunks:
+        if type(chunk) is not dict or "error" in chunk:
             return None
-        if ch.get("usage"):
-            usage = ch["usage"]
-        for c in ch.get("choices") or ():
-            if (c.get("delta") or {}).get("role"):
-                role = c["delta"]["role"]
+        if chunk.get("usage"):
+            usage = chunk["usage"]
+        choices = chunk.get("choices") or []
+        if type(choices) is not list:
+            return None
+        for c in choices:
+            if type(c) is not dict:
+                return None
+            index, delta = c.get("index", 0), c.get("delta")
+            if type(index) is not int or index or c.get("logprobs") or (delta is not None and type(delta) is not dict):
+                return None
+            if delta:
+                if len(delta) != 1 or type(delta.get("content")) is not str:
+                    return None
+                parts.append(delta["content"])
             if c.get("finish_reason") is not None:
                 finish = c["finish_reason"]
                 if c.get("stop_reason") is not None:
                     extra["stop_reason"] = c["stop_reason"]
-    obj = head.get("object", "")
-    choice = {"index": 0, "message": {"role": role, "content": text or None}, "logprobs": None, "finish_reason": finish,
-              **extra}
-    response = {"id": head.get("id"), "object": obj[: -len(".chunk")] if obj.endswith(".chunk") else obj,
-                "created": head.get("created"), "model": head.get("model"), "choices": [choice], "usage": usage}
-    return Assembled(response=response, finish_reasons=[finish], usage=usage, complete=done)
+    return parts, finish, extra, usage
 
 
 def assemble(endpoint: str, raw: bytes) -> Assembled:

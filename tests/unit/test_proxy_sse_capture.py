@@ -4,6 +4,7 @@ builds (they must decode with the streams contract)."""
 from __future__ import annotations
 
 import json
+import random
 import time
 
 import orjson
@@ -54,6 +55,152 @@ def test_torn_last_event_with_a_whole_content_string_is_not_counted():
     raw = SIMPLE[: SIMPLE.index(b'"content":"!"') + len(b'"content":"!"}')]  # the 4th event, cut after its content
     for asm in (_fast_chat(raw), assemble_general("/v1/chat/completions", raw)):
         assert asm.response["choices"][0]["message"]["content"] == 'Hello "q" \\ é 🙂'
+
+
+_TEXTS = ["tok", " ", "ab", '"', "\\", '\\"', '"},"', '"content":"', "\n", "\r\n", "\t", "é", "🙂", "\u2028", "\x00",
+          "\x1f", "\x7f", "\\u00e9", "data: [DONE]\n\n", "{", "",
+          '"},"logprobs":null,"finish_reason":null}]}\n\ndata: {"id":"']
+
+
+def _random_stream(rng: random.Random) -> tuple[bytes, bool]:
+    """A chat stream built from the fast path's edge cases, and whether it is the plain shape (vLLM's:
+    compact JSON, one choice, text only, the middle chunks the same bytes but for their content,
+    whole) that the fast path must take."""
+    def text() -> str:
+        return "".join(rng.choice(_TEXTS) for _ in range(rng.randint(0, 4)))
+
+    ensure_ascii, compact = rng.random() < 0.5, rng.random() < 0.9
+    env = {"id": f"chatcmpl-{rng.getrandbits(64):x}", "object": "chat.completion.chunk",
+           "created": rng.randint(0, 2**40), "model": rng.choice(["m", "shop-assistant-v0007", 'we"ird\\model'])}
+    if rng.random() < 0.2:
+        env["usage"] = None  # some servers send it in every chunk
+    stop_reason = {"stop_reason": None} if rng.random() < 0.2 else {}
+    logprobs = {"content": [{"token": "a", "logprob": -1.0, "top_logprobs": []}]}
+    every = rng.choice([{}] * 8 + [{"logprobs": logprobs}, {"logprobs": {}}])  # the same in every chunk
+
+    def make(delta, finish=None, index=0, **extra):
+        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish, **stop_reason, **every,
+                  **extra}
+        return {**env, "choices": [choice]}
+
+    events = []
+    first = rng.choice(["role", "role", "role", "role only", "content", "none"])
+    if first != "none":
+        events.append(make({"role": "assistant", "content": ""} if first == "role" else
+                           {"role": "assistant"} if first == "role only" else {"content": text()}))
+    middle = [make({"content": text()}) for _ in range(rng.randint(0, 12))]
+    plain = compact and first != "none" and bool(middle) and "logprobs" not in every
+    if middle and rng.random() < 0.25:  # one chunk unlike the others
+        i = rng.randrange(len(middle))
+        middle[i] = rng.choice([
+            lambda: {**middle[i], "created": env["created"] + 1},
+            lambda: make({"content": text()}, index=1),
+            lambda: make({"tool_calls": [{"index": 0, "function": {"arguments": text()}}]}),
+            lambda: make({"content": text()}, logprobs=logprobs),
+            lambda: make({"reasoning_content": text()}),
+            lambda: make({"role": "assistant", "content": text()}),
+            lambda: {"error": {"message": "engine died", "type": "InternalServerError"}},
+            lambda: {**middle[i], "usage": {"prompt_tokens": 1, "completion_tokens": i, "total_tokens": i + 1}},
+            lambda: make({"content": 7}),
+        ])()
+        plain = False
+    events += middle
+    end = rng.random()
+    if end < 0.6:
+        events.append(make({}, finish=rng.choice(["stop", "length"]), **{"stop_reason": rng.choice([None, 7, "</s>"])}))
+    elif end < 0.9 and events:
+        events[-1] = make({"content": text()}, finish="stop")
+        plain = plain and len(middle) > 1
+    if rng.random() < 0.4:
+        events.append({**env, "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}})
+    dumps = (lambda e: json.dumps(e, ensure_ascii=ensure_ascii, separators=(",", ":"))) if compact else json.dumps
+    lines = [f"data: {dumps(e)}" for e in events]
+    if rng.random() < 0.8:
+        lines.append("data: [DONE]")
+    # a DEL in a content with a backslash or a non-ASCII byte beside it takes the general path
+    plain = (plain and len(lines) > len(middle) + 1
+             and not any("\x7f" in m["choices"][0]["delta"]["content"] for m in middle))
+    raw = "".join(line + "\n\n" for line in lines).encode()
+    framing = rng.random()
+    if framing < 0.05:
+        raw = raw.replace(b"\n", b"\r\n")
+    elif framing < 0.1:  # another line at one event boundary
+        events = raw.split(b"\n\ndata: ")
+        i = rng.randrange(len(events))
+        other = rng.choice([b"\n\n: keep-alive\n\ndata: ", b"\n\nevent: chunk\ndata: ", b"\n\ndata:", b"\ndata: "])
+        raw = b"\n\ndata: ".join(events[:i]) + other + b"\n\ndata: ".join(events[i:])
+    elif framing < 0.2:
+        at = rng.randrange(len(raw) + 1)
+        bad = rng.choice([b"", b'"', b"\\", b"\n", b"\n\n", b"\r", b"\r\n", b"}", b"\xc3", b"\x7f"])
+        raw = raw[:at] + bad + raw[at + rng.randint(0, 1):]
+    elif framing < 0.45:
+        raw = raw[:rng.randrange(len(raw) + 1)]
+    else:
+        return raw, plain
+    return raw, False
+
+
+def _outcome(f, raw):
+    try:
+        return f(raw)
+    except Exception as e:  # noqa: BLE001 -- a malformed stream may break the general path; the fast one must agree
+        return type(e)
+
+
+def test_fast_path_is_the_general_path_for_any_stream():
+    rng = random.Random(2026)
+    taken = plain_seen = 0
+    for _ in range(6000):
+        raw, plain = _random_stream(rng)
+        fast = _outcome(_fast_chat, raw)
+        plain_seen += plain
+        if fast is None:
+            assert not plain, raw  # the plain shape must not fall back: the fast path would silently stop paying
+            continue
+        taken += 1
+        assert fast == _outcome(lambda r: assemble_general("/v1/chat/completions", r), raw), raw
+    assert plain_seen > 600 and taken > plain_seen  # and, exact, it takes some other shapes too
+
+
+def test_fast_path_refuses_contents_that_are_not_json_strings():
+    # Each middle event is prefix + content + suffix, byte for byte, but a content is no valid JSON
+    # string body: the general path drops the event, or reads another structure into it.
+    head = b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{'
+    tail = b'},"logprobs":null,"finish_reason":null}]}\n\n'
+
+    def stream(*contents: bytes) -> bytes:
+        middle = b"".join(head + b'"content":"' + c + b'"' + tail for c in contents)
+        return head + b'"role":"assistant","content":""' + tail + middle + b"data: [DONE]\n\n"
+
+    cases = [(b"a\\u00", b"e9b"), (b"a\\", b"nb"), (b"\xc3", b"\xa9"), (b"\\ud83d", b"\\ude42"), (b"a\nb", b"c"),
+             (b'x","role":"user', b"y"), (b'x"},"logprobs":{"content":[]},"z":{"a":"', b"y"), (b"\x7f\\\\", b"d"),
+             (b'\\\\"', b"e")]
+    for contents in cases:
+        raw = stream(*contents, b"z")
+        fast, general = _fast_chat(raw), assemble_general("/v1/chat/completions", raw)
+        assert fast is None or fast == general, raw
+    # the first "content" key is another object's: the delta's content is the same in every chunk
+    raw = b"".join(b'data: {"meta":{"content":"%s"},"choices":[{"index":0,"delta":{"content":"x"},"logprobs":null,'
+                   b'"finish_reason":null}]}\n\n' % c for c in (b"", b"a", b"b", b"c")) + b"data: [DONE]\n\n"
+    assert _fast_chat(raw) in (None, assemble_general("/v1/chat/completions", raw))
+    valid = [((b"a\\u00e9", b"\\ud83d\\ude42", b"\xc3\xa9\\\\", b'\\"', b""), 'aé🙂é\\"'),
+             ((b"a\x7f", b" b"), "a\x7f b")]
+    for contents, text in valid:
+        raw = stream(*contents)
+        assert _fast_chat(raw) == assemble_general("/v1/chat/completions", raw)
+        assert _fast_chat(raw).response["choices"][0]["message"]["content"] == text
+
+
+def test_fast_path_parses_as_deep_as_the_general_path():
+    # Chunks as deep as orjson allows alone fail inside the general path's one array: it parses
+    # each payload alone, and drops the two-value one. The fast path must not read them otherwise.
+    pad = b',"pad":' + b"[" * 1023 + b"]" * 1023 + b"}\n\n"
+    events = (chunk({"role": "assistant", "content": ""}), chunk({"content": "a"}), chunk({"content": "b"}))
+    raw = (sse(*events, done=False).replace(b"}\n\n", pad)
+           + b'data: {"x":1},' + json.dumps(chunk({"content": "!"}, finish="stop")).encode() + b"\n\n")
+    general = assemble_general("/v1/chat/completions", raw)
+    assert general.response["choices"][0]["message"]["content"] == "ab" and general.finish_reasons == [None]
+    assert _fast_chat(raw) in (None, general)
 
 
 def test_tool_calls_n2_logprobs_and_errors_take_the_general_path():
