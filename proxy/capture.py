@@ -305,9 +305,12 @@ class Capture:
         if response is not None and ex.status < 400 and not assembled:
             choices = response.get("choices")
             if isinstance(choices, list):
-                finish = [c.get("finish_reason") for c in choices if isinstance(c, dict)]
-                lps = [c.get("logprobs") for c in choices if isinstance(c, dict)]
-                logprobs = lps if any(lp is not None for lp in lps) else None
+                lps = []
+                for c in choices:
+                    if isinstance(c, dict):
+                        finish.append(c.get("finish_reason"))
+                        lps.append(c.get("logprobs"))
+                logprobs = lps if lps.count(None) != len(lps) else None
             usage = response.get("usage") if isinstance(response.get("usage"), dict) else None
         req = ex.request
         sampling = {k: req[k] for k in SAMPLING_KEYS if k in req}
@@ -316,7 +319,7 @@ class Capture:
             response = dict(response, data=[
                 {"index": d.get("index"), "dimensions": len(d.get("embedding") or ())} if isinstance(d, dict) else d
                 for d in response["data"]])
-        size = len(ex.request_body or b"") + len(ex.body or b"") + sum(len(c) for c in ex.chunks)
+        size = len(ex.request_body or b"") + len(ex.body or b"") + (sum(map(len, ex.chunks)) if assembled else 0)
         if size > self.max_event_bytes:
             n = len(_collect(req)) + len(_collect(response)) + len(_collect(logprobs)) + 1
             max_chars = max(256, self.max_event_bytes // (2 * n))
@@ -331,8 +334,7 @@ class Capture:
             if "input_tokens" in usage:  # the Responses API's names
                 usage = {"prompt_tokens": usage.get("input_tokens"), "completion_tokens": usage.get("output_tokens"),
                          "total_tokens": usage.get("total_tokens")}
-            usage = {k: usage.get(k) for k in ("prompt_tokens", "completion_tokens", "total_tokens")
-                     if isinstance(usage.get(k), int)}
+            usage = {k: v if isinstance(v := usage.get(k), int) else None for k in _USAGE_KEYS}
         ts = (dt.datetime.fromtimestamp(ex.handed_at, dt.timezone.utc) if ex.handed_at is not None  # the same
               else dt.datetime.now(dt.timezone.utc))  # minute the proxy's tally counted (streams.reconcile)
         # The fields in InteractionEvent's order, as its model_dump_json would write them.
@@ -341,7 +343,7 @@ class Capture:
             "interaction_id": ex.interaction_id, "endpoint": ex.endpoint, "public_model": ex.public_model,
             "upstream_model": ex.upstream_model, "adapter_version": ex.adapter_version, "upstream": ex.upstream,
             "request": request_out, "response": response, "stream": ex.stream, "sampling": sampling,
-            "usage": None if usage is None else {k: usage.get(k) for k in _USAGE_KEYS},
+            "usage": usage,
             "latency_first_token_ms": (ex.t_first - ex.t0) * 1000 if ex.t_first is not None else None,
             "latency_total_ms": (t_end - ex.t0) * 1000, "http_status": ex.status, "error": error,
             "finish_reasons": finish, "logprobs": logprobs, "abandoned": ex.abandoned, "episode_id": ex.episode_id,
