@@ -10,8 +10,8 @@ median over rounds of the CPU time of the calling thread (``time.thread_time``) 
   unpack      ``unpack(meta, request, response)``: the frame back into an Exchange
   sse         ``assemble``: the stream into the response the client would have got (streams only)
   redact      ``Capture.build`` with the default regex redactor minus ``build`` with none: the
-              redaction as the build runs it (checks on raw bytes where the code has them, the
-              strings walked and joined, the detectors, the precise patterns where they fire)
+              redaction as the build runs it (the detectors over the joined strings, the precise
+              patterns where they fire)
   build       ``Capture.build`` minus sse and redact: the event's fields, checks/validation
   serialize   ``build(ex).to_json()`` minus ``build(ex)``: the event's JSON bytes
   emit        ``EventProducer.emit_many`` over batches of ``BATCH`` records, as the worker hands

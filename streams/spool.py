@@ -25,11 +25,11 @@ Damage: a torn tail (a crash mid-write at the OS level) or a corrupt record is r
 counted in ``corrupt_records``), skipped by scanning for the next valid record, and the rest replays.
 A reopened spool never appends to an old segment: it starts a new one.
 
-Reading: the records appended by this process are also kept in memory (up to ``tail_bytes``) until
-the reader has passed them, so the sender, which usually reads what was just appended, does not
-read the file back and check every CRC again (bench/capture_cpu.py: the sender's CPU per record).
-The file stays the truth: after a rewind, a restart, or when the reader fell behind the memory
-budget, ``read`` reads the file as before.
+Reading: the records appended by this process are also kept in memory (``tail_bytes``, counting
+each record's payload plus 4 KiB) until the reader has passed them, so the sender, which usually
+reads what was just appended, does not read the file back and check every CRC again
+(bench/capture_cpu.py: the sender's CPU per record). The file stays the truth: after a rewind, a
+restart, or when the reader fell behind the memory budget, ``read`` reads the file as before.
 """
 
 from __future__ import annotations
@@ -53,6 +53,10 @@ MAGIC = b"\xa7\x5e"
 _HEADER = struct.Struct("<2sII")
 _U16 = struct.Struct("<H")
 _MAX_BODY = 64 * 1024 * 1024
+# What the in-memory tail charges a record beyond its payload's length: orjson returns a small payload
+# inside a 4 KiB allocation (3.13.0), and the tuples around it; so tiny events cannot make the tail
+# hold many times its budget while the sender is not reading (broker down).
+_TAIL_OVERHEAD = 4096
 _INCOMPLETE = object()
 _BAD = object()
 
@@ -170,12 +174,13 @@ class Spool:
             for head, (topic, key, payload) in zip(heads, records):
                 start = Position(seg, offset)
                 offset += len(head) + len(payload)
-                if self._tail_size + len(payload) > self.tail_bytes:
+                cost = len(payload) + _TAIL_OVERHEAD
+                if self._tail_size + cost > self.tail_bytes:
                     tail.clear()  # the reader is behind: it reads the file until it reaches what follows
                     self._tail_size = 0
                     continue
                 tail.append((start, Record(topic, key, payload, Position(seg, offset))))
-                self._tail_size += len(payload)
+                self._tail_size += cost
             return Position(seg, offset)
 
     def _truncate_partial(self) -> None:
@@ -240,12 +245,12 @@ class Spool:
         with self._lock:
             tail = self._tail
             while tail and tail[0][0] < start:  # passed by the reader
-                self._tail_size -= len(tail.popleft()[1].payload)
+                self._tail_size -= len(tail.popleft()[1].payload) + _TAIL_OVERHEAD
             if tail and tail[0][0] == start:  # what was just appended: no file read, no CRC check
                 consumed = 0
                 while tail and len(out) < max_records and consumed < max_bytes:
                     rec = tail.popleft()[1]
-                    self._tail_size -= len(rec.payload)
+                    self._tail_size -= len(rec.payload) + _TAIL_OVERHEAD
                     consumed += len(rec.payload)
                     out.append(rec)
                 return out

@@ -189,3 +189,24 @@ def test_overflow_memory_budget_counts_what_the_payloads_really_hold(tmp_path):
         assert held < 3 * producer._overflow_bytes + 1_000_000, (held, producer._overflow_bytes)
     finally:
         producer.close(timeout_s=0.5)
+
+
+def test_the_memory_tail_holds_about_its_budget_of_tiny_events_nobody_reads(tmp_path):
+    """While the sender reads nothing (broker down), what the tail keeps stays near ``tail_bytes``
+    even for tiny orjson payloads, each of which sits in a 4 KiB allocation."""
+    import tracemalloc
+
+    import orjson
+
+    spool = Spool(tmp_path, tail_bytes=1024 * 1024)
+    try:
+        tracemalloc.start()
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(200):  # 20,000 events of ~30 bytes, made while traced, referenced only by the spool
+            spool.append_many([("t", b"k", orjson.dumps({"i": i, "j": j})) for j in range(100)])
+        held = tracemalloc.get_traced_memory()[0] - before
+        tracemalloc.stop()
+        assert held < 2 * 1024 * 1024, held  # uncharged, 20,000 x 4 KiB would be ~80 MB
+        assert len(spool.read(spool.acked, max_records=30_000)) == 20_000  # all of them are in the file
+    finally:
+        spool.close()
