@@ -26,6 +26,7 @@ from proxy.redaction import Redactor
 from proxy.sse import assemble
 from streams.events import InteractionEvent
 from streams.ids import new_id
+from streams.producer import event_key
 from streams.topics import INTERACTIONS
 
 log = logging.getLogger(__name__)
@@ -214,6 +215,11 @@ class CapturedEvent:
         event._json = model.to_json()
         return event
 
+    # the fields streams.producer.event_key reads for every record, without going through __getattr__
+    episode_id = property(lambda self: self.data["episode_id"])
+    interaction_id = property(lambda self: self.data["interaction_id"])
+    event_id = property(lambda self: self.data["event_id"])
+
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__") or name == "data":  # copy/pickle probes, or a half-built instance
             raise AttributeError(name)
@@ -272,9 +278,7 @@ class Capture:
         for ex in exchanges:
             try:
                 event = self.build(ex)
-                d = event.data  # streams.producer.event_key, without three attribute look-ups by __getattr__
-                key = (d["episode_id"] or d["interaction_id"] or d["event_id"]).encode()
-                records.append((INTERACTIONS.name, key, event.to_json()))
+                records.append((INTERACTIONS.name, event_key(event), event.to_json()))
             except Exception:
                 self.failed += 1
                 log.exception("could not build the interaction event for %s", ex.interaction_id)

@@ -90,10 +90,6 @@ def _record_head(topic: str, key: bytes, payload: bytes) -> bytes:
     return _HEADER.pack(MAGIC, len(prefix) + len(payload), crc32c.crc32c(payload, crc32c.crc32c(prefix))) + prefix
 
 
-def encode_record(topic: str, key: bytes, payload: bytes) -> bytes:
-    return _record_head(topic, key, payload) + payload
-
-
 def _decode_body(body: bytes) -> tuple[str, bytes, bytes]:
     (tlen,) = _U16.unpack_from(body, 0)
     topic = body[2 : 2 + tlen].decode()
