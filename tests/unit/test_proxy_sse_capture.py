@@ -379,3 +379,42 @@ def test_embeddings_keep_only_their_shape_and_huge_arrays_are_dropped():
     cap.record(_exchange(body=huge))
     ev = cap.producer.events[-1]
     assert "omitted" in ev.response and ev.logprobs is None and len(ev.to_json()) < 20_000
+
+
+def test_frame_reader_cuts_any_split_of_the_pipe_into_the_frames_written():
+    """Frames of random sizes (some bigger than the reader's buffer, so it must grow), written to a
+    real pipe in random pieces, come out whole and in order; EOF inside a frame leaves it pending."""
+    import os
+    import random
+    import threading
+
+    from proxy.capture_worker import FRAME, FrameReader
+
+    rng = random.Random(7)
+    frames = []
+    for i in range(400):
+        size = rng.choice((0, 1, 40, 3000, 70_000)) if i % 97 else 3_000_000
+        parts = (b"m%d" % i, bytes([i % 251]) * rng.randint(0, 500), bytes([i % 13]) * size)
+        frames.append(parts)
+    stream = b"".join(FRAME.pack(*map(len, p)) + b"".join(p) for p in frames)
+    r, w = os.pipe()
+
+    def write():
+        at = 0
+        while at < len(stream):
+            n = rng.choice((1, 7, 12, 4096, 65_536, 300_000))
+            os.write(w, stream[at:at + n])
+            at += n
+        os.write(w, FRAME.pack(5, 0, 0) + b"ab")  # a torn frame, then EOF
+        os.close(w)
+
+    t = threading.Thread(target=write)
+    t.start()
+    reader = FrameReader(r, capacity=1000)
+    got = []
+    while (batch := reader.read()) is not None:
+        got += batch
+    t.join()
+    os.close(r)
+    assert got == frames
+    assert reader.pending == FRAME.size + 2
