@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -143,7 +144,36 @@ def _ratio(a: float, b: float) -> float:
     return a / b if b else float("nan")
 
 
-def run_wrk(url: str, lua: Path, conc: int, duration: float, pid: int | None = None) -> Sample:
+_CAPTURE_COUNTS = {"handed": "onpolicy_proxy_capture_emitted", "dropped": "onpolicy_proxy_capture_dropped",
+                   "failed": "onpolicy_proxy_capture_failed", "accepted": "onpolicy_producer_events_accepted",
+                   "sent": "onpolicy_producer_events_sent", "worker_dropped": "onpolicy_producer_events_dropped"}
+
+
+def capture_counts(base: str) -> dict[str, float]:
+    """The proxy's capture counters from its /metrics: exchanges handed to the worker, and what the
+    worker's producer accepted (built and spooled) and sent (delivered to the broker)."""
+    text = urllib.request.urlopen(base + "/metrics", timeout=5).read().decode()
+    out = {}
+    for key, name in _CAPTURE_COUNTS.items():
+        m = re.search(rf"^{name}(?:_total)? (\S+)$", text, re.M)
+        out[key] = float(m.group(1)) if m else float("nan")
+    return out
+
+
+def settle_capture(base: str, timeout_s: float = 30.0) -> tuple[dict[str, float], float]:
+    """Wait until the capture worker has built and delivered every exchange handed to it, so the CPU
+    it spends catching up after a run is counted in that run. Returns the counts and the seconds
+    waited (the worker's stats reach /metrics once a second, so ~1 s is the floor)."""
+    t0 = time.monotonic()
+    while True:
+        c = capture_counts(base)
+        done = c["accepted"] + c["worker_dropped"] + c["failed"] >= c["handed"] and c["sent"] >= c["accepted"]
+        if done or time.monotonic() - t0 > timeout_s:
+            return c, time.monotonic() - t0
+        time.sleep(0.1)
+
+
+def run_wrk(url: str, lua: Path, conc: int, duration: float, pid: int | None = None, settle=None) -> Sample:
     cpu0 = tree_cpu_s(pid) if pid else 0.0
     before = cpu_times(LOAD_CORE)
     out = subprocess.run(["taskset", "-c", LOAD_CORE, "wrk", "-t1", f"-c{conc}", f"-d{duration:g}s", "--latency", "-s", str(lua),
@@ -160,6 +190,8 @@ def run_wrk(url: str, lua: Path, conc: int, duration: float, pid: int | None = N
     m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     if m:
         errors += int(m.group(1)) + int(m.group(3)) + int(m.group(4))
+    if settle is not None:
+        settle()  # the capture worker's catch-up belongs to this run's CPU
     cpu_us = float("nan")
     m = re.search(r"(\d+) requests in", out)
     if pid and m and int(m.group(1)):
@@ -266,6 +298,16 @@ def main() -> int:
             for mode in luas:
                 run_wrk(base + "/v1/chat/completions", luas[mode], 4, 1)
 
+        capture_targets = [n for n in ("proxy-on", "proxy-on-w1") if n in targets]
+        waits: dict[str, list[float]] = {n: [] for n in capture_targets}
+
+        def settler(name: str):
+            def settle() -> None:
+                waits[name].append(settle_capture(targets[name][0])[1])
+            return settle
+
+        for name in capture_targets:  # the warm-up's events built before the first measured run
+            settle_capture(targets[name][0])
         cells: dict[tuple[str, str, int], Cell] = {}
         total_runs = args.rounds * len(luas) * len(concs) * len(targets)
         done = 0
@@ -273,7 +315,8 @@ def main() -> int:
             for mode, lua in luas.items():
                 for conc in concs:
                     for name, (base, proc) in targets.items():
-                        s = run_wrk(base + "/v1/chat/completions", lua, conc, args.duration, proc.pid if proc else None)
+                        s = run_wrk(base + "/v1/chat/completions", lua, conc, args.duration, proc.pid if proc else None,
+                                    settler(name) if name in waits else None)
                         cells.setdefault((name, mode, conc), Cell()).samples.append(s)
                         done += 1
                         print(f"\r[{done}/{total_runs}] round {rnd + 1} {mode:6} c={conc:<3} {name:9} {s.rps:9.0f} req/s "
@@ -328,6 +371,15 @@ def main() -> int:
         if on_proc is not None:
             print(f"  proxy-on RSS after ~{served / 1000:.0f}k requests (c up to {max(concs)}): {rss_mb(on_proc.pid):.0f} MB "
                   "(target <= 150 MB after 100k at c=128)")
+        for name in capture_targets:  # capture on is only worth its req/s if every exchange became an event
+            c, _ = settle_capture(targets[name][0])
+            w = waits[name]
+            complete = c["accepted"] == c["handed"] and c["sent"] >= c["accepted"] and not (c["dropped"] or c["failed"] or c["worker_dropped"])
+            print(f"  {name} capture: {c['handed']:.0f} exchanges handed to the worker, {c['accepted']:.0f} built and spooled, "
+                  f"{c['sent']:.0f} delivered to the broker; dropped {c['dropped'] + c['worker_dropped']:.0f}, failed {c['failed']:.0f} "
+                  f"({'complete' if complete else 'INCOMPLETE'}); after each run the worker caught up within "
+                  f"{max(w, default=float('nan')):.1f} s (median {statistics.median(w) if w else float('nan'):.1f} s), "
+                  "its CPU meanwhile counted in that run")
         maxutil = max((s.load_core_util for c in cells.values() for s in c.samples), default=float("nan"))
         print(f"  load-generator core peak utilisation: {maxutil:.0f}% "
               f"({'saturated: req/s of the fastest targets may be capped by the load core' if maxutil > 95 else 'not saturated'})")
