@@ -222,7 +222,18 @@ class _ConfluentClient:
         self.p.poll(0)
 
     def close(self, timeout_s: float) -> None:
-        self.p.flush(timeout_s)  # what is still unacknowledged stays in the spool for the next start
+        """Deliver what it can within ``timeout_s``; the rest stays in the spool for the next start.
+
+        The undelivered messages are purged, and their reports served: each holds its delivery
+        callback, which (through the sender's closures) holds this client, so without that the
+        librdkafka instance outlived ``close``, its threads reconnecting and logging until exit.
+        """
+        self.p.flush(timeout_s)
+        self.p.purge()
+        deadline = time.monotonic() + 1.0
+        while len(self.p) and time.monotonic() < deadline:
+            self.p.poll(0.01)
+        self.p.poll(0)
 
 
 def event_key(event: InteractionEvent | FeedbackEvent | ControlEvent) -> bytes:
@@ -254,6 +265,7 @@ class EventProducer:
         self.connected = False
         self._wake = threading.Event()
         self._stopping = threading.Event()
+        self._abandon = threading.Event()  # close() ran out of time: leave what is undelivered in the spool
         self._drained = threading.Event()
         self._replay_horizon = self.spool.end  # records before this were written by an earlier run
         self._thread = threading.Thread(target=self._run, name="event-producer", daemon=True)
@@ -350,7 +362,8 @@ class EventProducer:
                 log.warning("send to Kafka failed (%s); will resend from the spool", exc)
 
         while True:
-            if self._stopping.is_set() and not inflight and not overflow_inflight and self._backlog_empty(cursor):
+            if self._stopping.is_set() and ((not inflight and not overflow_inflight and self._backlog_empty(cursor))
+                                            or self._abandon.is_set()):
                 break
             if producer is None:
                 try:
@@ -447,9 +460,9 @@ class EventProducer:
             self.spool.ack(acked_upto)
         if producer is not None:
             try:
-                producer.close(2)
+                producer.close(0 if self._abandon.is_set() else 2)
             except Exception:
-                pass
+                log.exception("closing the Kafka client failed")
         self._drained.set()
 
     def _keep_rejected(self, rec: Any) -> None:
@@ -484,6 +497,10 @@ class EventProducer:
         self._stopping.set()
         self._wake.set()
         self._thread.join(timeout_s)
+        if self._thread.is_alive():  # records still in flight (a broker gone): they stay in the spool
+            self._abandon.set()
+            self._wake.set()
+            self._thread.join(5.0)
         self.spool.close()
         if self._overflow:
             log.error("%d events only in memory (disk was full) were not delivered at close", len(self._overflow))

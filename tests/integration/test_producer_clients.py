@@ -120,3 +120,42 @@ def test_a_failed_librdkafka_connect_leaves_no_client_running(tmp_path):
             _ConfluentClient(KafkaSettings(bootstrap_servers=f"127.0.0.1:{free_port()}"), ProducerSettings(spool_dir=tmp_path))
     time.sleep(0.5)
     assert threads() <= before + 1, f"threads {before} -> {threads()}: failed clients are still running"
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+def test_close_with_the_broker_gone_stops_the_client_and_keeps_the_rest_in_the_spool(tmp_path, client):
+    """The broker goes away with records in flight: ``close`` returns within its time, the client's
+    threads are gone (the librdkafka instance used to outlive close, reconnecting and logging until
+    the process exited), and what was not delivered is still in the spool for the next start."""
+    import gc
+    import os
+
+    def threads() -> int:
+        return len(os.listdir("/proc/self/task"))
+
+    b = EmbeddedBroker(data_dir=tmp_path / "gone-broker", durable=False).start()
+    try:
+        ensure_topics(KafkaSettings(bootstrap_servers=b.bootstrap_servers))
+        before = threads()
+        producer = _producer(tmp_path, b.bootstrap_servers, client)
+        for i in range(20):
+            assert producer.emit_raw(INTERACTIONS.name, b"k%d" % i, b'{"i":%d}' % i)
+        assert producer.flush(30)
+    finally:
+        b.stop()
+    for i in range(20):
+        assert producer.emit_raw(INTERACTIONS.name, b"k%d" % i, b'{"late":%d}' % i)
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    producer.close(2)
+    assert time.monotonic() - t0 < 10
+    del producer
+    gc.collect()
+    time.sleep(0.5)
+    # +1: the first client in a process may start librdkafka's own long-lived thread
+    assert threads() <= before + 1, f"threads {before} -> {threads()}: the closed client is still running"
+    again = _producer(tmp_path, f"127.0.0.1:{free_port()}", client)
+    try:
+        assert again.backlog_bytes > 0, "the undelivered records were not kept in the spool"
+    finally:
+        again.close(0.5)
