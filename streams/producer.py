@@ -493,7 +493,8 @@ class EventProducer:
         return False
 
     def close(self, timeout_s: float = 10.0) -> None:
-        """Try to deliver the backlog for up to ``timeout_s``; what is left stays in the spool."""
+        """Try to deliver the backlog for up to ``timeout_s``; what is left stays in the spool (the client
+        is then told to give up on it, which takes up to 5 s more)."""
         self._stopping.set()
         self._wake.set()
         self._thread.join(timeout_s)
