@@ -152,12 +152,11 @@ _CAPTURE_COUNTS = {"handed": "onpolicy_proxy_capture_emitted", "dropped": "onpol
 def capture_counts(base: str) -> dict[str, float]:
     """The proxy's capture counters from its /metrics: exchanges handed to the worker, and what the
     worker's producer accepted (built and spooled) and sent (delivered to the broker)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
     text = urllib.request.urlopen(base + "/metrics", timeout=5).read().decode()
-    out = {}
-    for key, name in _CAPTURE_COUNTS.items():
-        m = re.search(rf"^{name}(?:_total)? (\S+)$", text, re.M)
-        out[key] = float(m.group(1)) if m else float("nan")
-    return out
+    samples = {s.name: s.value for fam in text_string_to_metric_families(text) for s in fam.samples}
+    return {key: samples.get(f"{name}_total", float("nan")) for key, name in _CAPTURE_COUNTS.items()}
 
 
 def settle_capture(base: str, timeout_s: float = 30.0) -> tuple[dict[str, float], float]:

@@ -243,9 +243,8 @@ class _ConfluentClient:
         self.p.flush(timeout_s)
         self.p.purge()
         deadline = time.monotonic() + 1.0
-        while len(self.p) and time.monotonic() < deadline:
+        while len(self.p) and time.monotonic() < deadline:  # len counts reports not yet served
             self.p.poll(0.01)
-        self.p.poll(0)
 
 
 def event_key(event: InteractionEvent | FeedbackEvent | ControlEvent) -> bytes:
