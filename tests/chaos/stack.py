@@ -61,8 +61,16 @@ def scrape(url: str) -> dict[str, float]:
 
 
 def process_stats(pid: int, data_dir: Path | None = None) -> dict[str, float]:
-    """RSS (bytes), threads, open file descriptors other than sockets, and sockets of one process, from /proc;
-    with ``data_dir``, also ``data_files``: the descriptors open on files under it (a database's parts)."""
+    """RSS (bytes), threads, open file descriptors other than sockets, and sockets of one process, from /proc.
+
+    Also ``cached_files``: those of the descriptors that chdb keeps as caches bounded by something the
+    caller checks separately, not leaks:
+    - each live thread's /proc/<pid>/task/<tid>/{stat,schedstat,io}, opened at the thread's first query and
+      kept while it lives (bounded by the thread count; a dead thread's would count as a leak);
+    - the shared objects the process has loaded (and their /usr/lib/debug files), opened by its symbolizer
+      the first time a stack trace passes through them, as the disk-fault tests' errors do (bounded by what
+      is loaded).
+    With ``data_dir``, also ``data_files``: the descriptors open on files under it (a database's parts)."""
     rss = threads = 0
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -70,8 +78,11 @@ def process_stats(pid: int, data_dir: Path | None = None) -> dict[str, float]:
                 rss = int(line.split()[1]) * 1024
             elif line.startswith("Threads:"):
                 threads = int(line.split()[1])
-    sockets = files = data_files = 0
+    with open(f"/proc/{pid}/maps") as f:
+        mapped = {line.split(None, 5)[5].strip() for line in f if line.count(" ") >= 5 and "/" in line}
+    sockets = files = data_files = cached_files = 0
     prefix = f"{data_dir}/" if data_dir is not None else None
+    own_task = f"/proc/{pid}/task/"
     for fd in os.listdir(f"/proc/{pid}/fd"):
         try:
             target = os.readlink(f"/proc/{pid}/fd/{fd}")
@@ -79,13 +90,40 @@ def process_stats(pid: int, data_dir: Path | None = None) -> dict[str, float]:
             continue
         if target.startswith("socket:"):
             sockets += 1
-        else:
-            files += 1
-            if prefix is not None and target.startswith(prefix):
-                data_files += 1
+            continue
+        files += 1
+        if prefix is not None and target.startswith(prefix):
+            data_files += 1
+        elif target.startswith(own_task):
+            cached_files += os.path.isdir(own_task + target[len(own_task):].split("/", 1)[0])
+        elif target in mapped or target.startswith("/usr/lib/debug/"):
+            cached_files += 1
     # Sockets come and go with client connections; a leak shows in files (and in sockets at rest).
     return {"rss": float(rss), "threads": float(threads), "fds": float(files), "sockets": float(sockets),
-            "data_files": float(data_files)}
+            "data_files": float(data_files), "cached_files": float(cached_files)}
+
+
+def fd_kinds(pid: int) -> dict[str, int]:
+    """The non-socket descriptors of one process by what they point at: a file's path (with digit runs
+    shown as ``N``, so /proc/123/task/456/stat and its siblings count together), or the kind of a pipe
+    or anonymous inode. What a leak-check prints when descriptors are left open."""
+    out: dict[str, int] = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:"):
+            continue
+        kind = re.sub(r"\[\d+\]$", "", target) if target.startswith(("pipe:", "anon_inode:")) else re.sub(r"\d+", "N", target)
+        out[kind] = out.get(kind, 0) + 1
+    return out
+
+
+def fd_kinds_diff(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    """What changed between two ``fd_kinds`` snapshots: kind -> count after minus before (non-zero only)."""
+    return {k: after.get(k, 0) - before.get(k, 0) for k in sorted(set(before) | set(after))
+            if after.get(k, 0) != before.get(k, 0)}
 
 
 def child_pid(parent: int, needle: str, timeout_s: float = 20.0) -> int:

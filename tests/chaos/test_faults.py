@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 
 from tests.chaos import report
-from tests.chaos.stack import REPO, ChaosStack, process_stats, scrape
+from tests.chaos.stack import REPO, ChaosStack, fd_kinds, fd_kinds_diff, process_stats, scrape
 
 pytestmark = pytest.mark.slow
 
@@ -283,8 +283,12 @@ def test_proxy_sigkill_under_load(stack):
         f"{STANDIN_NOTE}; {len(in_flight)} failed were in flight at the kill, {len(refused)} were sent while the "
         f"single replica restarted ({restart_s:.1f} s, connection refused), {len(after)} after; the old capture "
         f"worker drained its pipe and exited: {worker_gone}", failed=len(res.failed))
-    assert not after, [r["err"] for r in after[:5]]
-    assert len([r for r in in_flight if r["kind"] == "chat"]) <= 128  # at most the load's concurrency
+    assert not after, (f"{len(after)} requests failed after the restarted proxy was ready; (s after ready, error): "
+                       f"{[(round(r['t'] - ready_at, 2), r['err']) for r in after[:5]]}")
+    in_flight_chat = [r for r in in_flight if r["kind"] == "chat"]
+    assert len(in_flight_chat) <= 128, (  # at most the load's concurrency
+        f"{len(in_flight_chat)} chat requests failed as in flight at the kill (the load holds at most 128): "
+        f"{[r['err'] for r in in_flight_chat[:5]]}")
     assert land.lost == 0 and land.duplicates == 0, land
     assert_gap_closed(gap)
 
@@ -544,6 +548,7 @@ def test_soak_steady_load(stack):
     series: dict[str, list[tuple[float, float]]] = {}
     t0 = time.time()
     at_rest_before = {name: process_stats(pid) for name, pid in pids.items()}
+    kinds_before = {name: fd_kinds(pid) for name, pid in pids.items()}
 
     def add(name: str, value: float) -> None:
         series.setdefault(name, []).append((time.time() - t0, value))
@@ -555,9 +560,10 @@ def test_soak_steady_load(stack):
             except OSError:
                 continue
             add(f"{name} RSS MiB", st["rss"] / 2**20)
-            add(f"{name} fds", st["fds"])
+            add(f"{name} fds", st["fds"] - st["cached_files"])  # less chdb's bounded caches
             if name == "sink":
-                add("sink fds outside the warehouse", st["fds"] - st["data_files"])
+                add("sink fds outside the warehouse", st["fds"] - st["cached_files"] - st["data_files"])
+                add("sink fds cached", st["cached_files"])
             add(f"{name} threads", st["threads"])
             add(f"{name} sockets", st["sockets"])
         add("spool MiB", stack.spool_bytes() / 2**20)
@@ -573,9 +579,12 @@ def test_soak_steady_load(stack):
     land = wait_landed(stack, res, load.started, time.time())
     gap = reconciliation_gap(stack, time.time())
     at_rest_after = {name: process_stats(pid) for name, pid in pids.items()}
-    rest = {name: (at_rest_before[name]["fds"], at_rest_after[name]["fds"]) for name in pids}
+    opened = {name: d for name, pid in pids.items() if (d := fd_kinds_diff(kinds_before[name], fd_kinds(pid)))}
+    rest = {name: (at_rest_before[name]["fds"] - at_rest_before[name]["cached_files"],
+                   at_rest_after[name]["fds"] - at_rest_after[name]["cached_files"]) for name in pids}
     sockets_after = {name: at_rest_after[name]["sockets"] for name in pids}
     print("soak descriptors at rest before -> after:", rest)
+    print("soak descriptors at rest, after minus before, by kind:", opened)
     warm = SOAK_S * 0.25  # after warm-up (imports, first batches, caches)
     slopes = {k: _slope_per_min([p for p in v if p[0] >= warm]) for k, v in series.items()}
     floor = {k: _floor_slope_per_min([p for p in series[k] if p[0] >= warm])
@@ -595,7 +604,7 @@ def test_soak_steady_load(stack):
         "; " + ", ".join(f"{k} {slopes[k]:+.0f} (max {max(v for _, v in series[k]):.0f})" for k in sorted(slopes)
                          if k.startswith("onpolicy_")) +
         f"; spool max {max(v for _, v in series.get('spool MiB', [(0, 0)])):.1f} MiB (segments of 16 MiB are deleted once "
-        "acknowledged); non-socket descriptors at rest before -> after: " +
+        "acknowledged); non-socket descriptors (less chdb's bounded caches) at rest before -> after: " +
         ", ".join(f"{n} {a:.0f} -> {b:.0f}" for n, (a, b) in rest.items()) +
         f"; proxy sockets at rest after: {sockets_after['proxy']:.0f} (the upstream keep-alive pool)")
     assert not res.failed, _errors(res)
@@ -612,9 +621,15 @@ def test_soak_steady_load(stack):
     # a merge opens two files per column of every part it reads for as long as it runs (a CI run at
     # c3d35d7, after the disk-fault tests had left many small parts: 237 -> 360 for over a minute with
     # the thread count flat, back to 237 at rest).
+    # Nothing here counts chdb's bounded caches (``cached_files`` in tests/chaos/stack.py: each live
+    # thread's procfs files, and the loaded libraries its symbolizer opens when a stack trace passes
+    # through them; one chdb exception in a fresh process opens ~51 of those). A CI run at 7b8cefb
+    # failed the at-rest check on such a step: the sink 254 -> 266 outside the warehouse, its thread
+    # count flat at 100, after the disk-fault tests' errors. That message could not say which cache
+    # grew; the failure message now lists the descriptors that changed, by kind.
     warmed = {n: next((v for t, v in series.get(f"{n} fds", []) if t >= warm), a) for n, (a, _) in rest.items()}
     assert all(b <= max(a, warmed[n]) + 8 for n, (a, b) in rest.items()), \
-        f"descriptors left open after the load: {rest} (after warm-up: {warmed})"
+        f"descriptors left open after the load: {rest} (after warm-up: {warmed}); by kind: {opened}"
     # Two queries in flight (~6 descriptors each) through the last windows of a short soak still read
     # as a slope (a 120 s soak here: 70 -> 79 outside the warehouse, threads flat, 71 at rest again);
     # hence 1/min plus 12 spread over the window: 9/min for 120 s (a coarse guard; the at-rest
