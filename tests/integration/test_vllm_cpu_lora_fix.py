@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import random
 import threading
-import time
 
 import pytest
 
-from tests.vllm_fixtures import chat_ids, concurrent_chats, load_adapter
+from tests.vllm_fixtures import chat_ids, load_adapter
 
 # The first test builds the tiny model (~2.5 min idle, much longer on a busy machine) and starts
 # two servers: more than the default per-test timeout allows on a loaded machine.
@@ -109,24 +108,37 @@ def test_tiny_model_adapter_matches_transformers_peft(tiny_servers, tiny_model, 
 
 def _base_beside_long_adapter(server, base_model: str, adapter: str, base_chat, adapter_chat) -> list[int] | None:
     """The base request's output while an adapter request decodes beside it for its whole life, or None
-    when the adapter request ended first (the two did not share every batch: try again)."""
-    from learner.serving import http_json
+    when the adapter request ended first (the two did not share every batch: try again).
 
+    The adapter request streams, and the base request is sent once its first token has arrived, so it
+    is decoding then. A fixed sleep was not enough: on a busy 2-core machine the tiny model decoded all
+    200 tokens before the base request got through the API server, three tries in a row (a CI run at
+    b31fcd6: "only 4 of 6 base requests ran beside an adapter request"; here, with two `yes` CPU hogs, 3 of 6 on
+    the old code, and 6 of 6 on this one, also with three hogs)."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=300)
+    stream = client.chat.completions.create(model=adapter, messages=adapter_chat, max_tokens=200, temperature=0,
+                                            stream=True, extra_body={"ignore_eos": True})
+    chunks = iter(stream)
     done = threading.Event()
+    try:
+        while not any(c.delta.content for c in next(chunks).choices):  # the role chunk, then the first token
+            pass
+    except StopIteration:
+        return None
 
-    def long_adapter_request() -> None:
+    def drain() -> None:
         try:
-            http_json("POST", f"{server.base_url}/chat/completions", {
-                "model": adapter, "messages": adapter_chat, "max_tokens": 200, "ignore_eos": True, "temperature": 0,
-            }, timeout=300)
+            for _ in chunks:
+                pass
         finally:
             done.set()
 
-    t = threading.Thread(target=long_adapter_request)
+    t = threading.Thread(target=drain)
     t.start()
-    time.sleep(0.15)  # let it reach the engine and start decoding
-    out = None if done.is_set() else chat_ids(server.base_url, base_model, base_chat, MAX_TOKENS)
-    overlapped = out is not None and not done.is_set()
+    out = chat_ids(server.base_url, base_model, base_chat, MAX_TOKENS)
+    overlapped = not done.is_set()
     t.join()
     return out if overlapped else None
 
@@ -139,7 +151,7 @@ def _mixed_batch_mismatches(server, base_model: str, adapter: str, chats) -> tup
     solo = [chat_ids(server.base_url, base_model, c, MAX_TOKENS) for c in chats]
     wrong = checked = 0
     for i, c in enumerate(chats):
-        for _ in range(3):
+        for _ in range(5):
             out = _base_beside_long_adapter(server, base_model, adapter, c, chats[(i + 1) % len(chats)])
             if out is not None:
                 checked += 1
