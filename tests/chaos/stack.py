@@ -67,9 +67,9 @@ def process_stats(pid: int, data_dir: Path | None = None) -> dict[str, float]:
     caller checks separately, not leaks:
     - each live thread's /proc/<pid>/task/<tid>/{stat,schedstat,io}, opened at the thread's first query and
       kept while it lives (bounded by the thread count; a dead thread's would count as a leak);
-    - the shared objects the process has loaded (and their /usr/lib/debug files), opened by its symbolizer
-      the first time a stack trace passes through them, as the disk-fault tests' errors do (bounded by what
-      is loaded).
+    - the shared objects and the executable the process has mapped (and their /usr/lib/debug files), opened
+      by its symbolizer the first time a stack trace passes through them, as the disk-fault tests' errors do
+      (bounded by what is loaded; a mapped data file is not counted).
     With ``data_dir``, also ``data_files``: the descriptors open on files under it (a database's parts)."""
     rss = threads = 0
     with open(f"/proc/{pid}/status") as f:
@@ -78,6 +78,7 @@ def process_stats(pid: int, data_dir: Path | None = None) -> dict[str, float]:
                 rss = int(line.split()[1]) * 1024
             elif line.startswith("Threads:"):
                 threads = int(line.split()[1])
+    exe = os.readlink(f"/proc/{pid}/exe")
     with open(f"/proc/{pid}/maps") as f:
         mapped = {line.split(None, 5)[5].strip() for line in f if line.count(" ") >= 5 and "/" in line}
     sockets = files = data_files = cached_files = 0
@@ -96,7 +97,8 @@ def process_stats(pid: int, data_dir: Path | None = None) -> dict[str, float]:
             data_files += 1
         elif target.startswith(own_task):
             cached_files += os.path.isdir(own_task + target[len(own_task):].split("/", 1)[0])
-        elif target in mapped or target.startswith("/usr/lib/debug/"):
+        elif (target in mapped and (".so" in os.path.basename(target) or target == exe)) \
+                or target.startswith("/usr/lib/debug/"):
             cached_files += 1
     # Sockets come and go with client connections; a leak shows in files (and in sockets at rest).
     return {"rss": float(rss), "threads": float(threads), "fds": float(files), "sockets": float(sockets),
@@ -115,7 +117,8 @@ def fd_kinds(pid: int) -> dict[str, int]:
             continue
         if target.startswith("socket:"):
             continue
-        kind = re.sub(r"\[\d+\]$", "", target) if target.startswith(("pipe:", "anon_inode:")) else re.sub(r"\d+", "N", target)
+        special = target.startswith(("pipe:", "anon_inode:"))
+        kind = re.sub(r"\[\d+\]$", "", target) if special else re.sub(r"\d+", "N", target)
         out[kind] = out.get(kind, 0) + 1
     return out
 

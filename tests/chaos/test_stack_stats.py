@@ -25,14 +25,17 @@ except Exception:
 """
 
 _LEAKS = """
-import threading
+import threading, time
 before, kinds = process_stats(os.getpid()), fd_kinds(os.getpid())
 leaked = open(sys.argv[1], "w")
 held = []
 t = threading.Thread(target=lambda: held.append(
-    os.open(f"/proc/{os.getpid()}/task/{threading.get_native_id()}/stat", os.O_RDONLY)))
+    (threading.get_native_id(), os.open(f"/proc/{os.getpid()}/task/{threading.get_native_id()}/stat", os.O_RDONLY))))
 t.start()
 t.join()
+deadline = time.monotonic() + 10  # join() returns before the OS thread is gone
+while os.path.isdir(f"/proc/{os.getpid()}/task/{held[0][0]}") and time.monotonic() < deadline:
+    time.sleep(0.01)
 """
 
 _REPORT = """
