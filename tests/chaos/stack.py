@@ -20,6 +20,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,11 +86,7 @@ def process_stats(pid: int, data_dir: Path | None = None) -> dict[str, float]:
     sockets = files = data_files = cached_files = 0
     prefix = f"{data_dir}/" if data_dir is not None else None
     own_task = f"/proc/{pid}/task/"
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
+    for target in _fd_targets(pid):
         if target.startswith("socket:"):
             sockets += 1
             continue
@@ -105,28 +103,27 @@ def process_stats(pid: int, data_dir: Path | None = None) -> dict[str, float]:
             "data_files": float(data_files), "cached_files": float(cached_files)}
 
 
-def fd_kinds(pid: int) -> dict[str, int]:
+def fd_kinds(pid: int) -> Counter[str]:
     """The non-socket descriptors of one process by what they point at: a file's path (with digit runs
     shown as ``N``, so /proc/123/task/456/stat and its siblings count together), or the kind of a pipe
     or anonymous inode. What a leak-check prints when descriptors are left open."""
-    out: dict[str, int] = {}
+    return Counter(re.sub(r"\[\d+\]$", "", t) if t.startswith(("pipe:", "anon_inode:")) else re.sub(r"\d+", "N", t)
+                   for t in _fd_targets(pid) if not t.startswith("socket:"))
+
+
+def fd_kinds_diff(before: Counter[str], after: Counter[str]) -> dict[str, int]:
+    """What changed between two ``fd_kinds`` snapshots: kind -> count after minus before (non-zero only)."""
+    return {k: after[k] - before[k] for k in sorted(before.keys() | after.keys()) if after[k] != before[k]}
+
+
+def _fd_targets(pid: int) -> Iterator[str]:
+    """What each open descriptor of one process points at (``socket:[...]``, ``pipe:[...]``, a path); a
+    descriptor closed while it is read is left out."""
     for fd in os.listdir(f"/proc/{pid}/fd"):
         try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            yield os.readlink(f"/proc/{pid}/fd/{fd}")
         except OSError:
             continue
-        if target.startswith("socket:"):
-            continue
-        special = target.startswith(("pipe:", "anon_inode:"))
-        kind = re.sub(r"\[\d+\]$", "", target) if special else re.sub(r"\d+", "N", target)
-        out[kind] = out.get(kind, 0) + 1
-    return out
-
-
-def fd_kinds_diff(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
-    """What changed between two ``fd_kinds`` snapshots: kind -> count after minus before (non-zero only)."""
-    return {k: after.get(k, 0) - before.get(k, 0) for k in sorted(set(before) | set(after))
-            if after.get(k, 0) != before.get(k, 0)}
 
 
 def child_pid(parent: int, needle: str, timeout_s: float = 20.0) -> int:
