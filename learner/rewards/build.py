@@ -22,6 +22,8 @@ from learner.rewards.combiner import CombinedReward, Component, weights_from_rep
 from learner.rewards.judge import JudgeSettings, LLMJudge
 from learner.rewards.memory import AnswerMemory
 from learner.rewards.model import LearnedRewardModel
+from learner.rewards.preferences import (ThumbNoise, combine_evidence, estimate_thumb_noise, preference_pairs,
+                                         validate_pairs)
 from learner.rewards.reference import ReferenceReward
 from learner.rewards.registry import RewardRegistry, RewardRow
 from learner.rewards.validation import ValidationSettings, validate, validate_scores
@@ -49,6 +51,26 @@ class RewardSettings:
     judge_max_heldout: int = 200
 
 
+@dataclass(frozen=True)
+class FamilyEvidence:
+    """The human signal a family's rewards were validated on, in numbers: what a skipped round shows
+    the operator (``describe``)."""
+
+    heldout_approved: int
+    heldout_rejected: int
+    heldout_pairs: int
+    fit_corrections: int
+    noise: ThumbNoise
+
+    def describe(self, reports: dict[str, ValidationReport], bar: float, min_pos: int, min_pairs: int) -> str:
+        best = max((r for r in reports.values() if r.auc is not None), key=lambda r: r.ci_low or 0.0, default=None)
+        best_s = (f"best reward {best.reward} AUC {best.auc:.2f} [{best.ci_low:.2f}, {best.ci_high:.2f}] "
+                  f"(bar {bar:.2f})") if best is not None else "no reward could be scored on enough held-out signal"
+        return (f"{self.heldout_approved} of {min_pos} approved held-out answers ({self.heldout_rejected} rejected); "
+                f"{self.heldout_pairs} of {min_pairs} held-out correction pairs; {self.fit_corrections} corrections "
+                f"to learn from; {best_s}; {self.noise.describe()}")
+
+
 @dataclass
 class FamilyRewards:
     family_id: str
@@ -59,10 +81,19 @@ class FamilyRewards:
     combined: CombinedReward
     combined_report: ValidationReport | None = None
     failures: list[tuple[str, str, str]] = field(default_factory=list)  # (name, kind, why it was not fitted)
+    evidence: FamilyEvidence | None = None
+    validation: ValidationSettings = field(default_factory=ValidationSettings)
 
     @property
     def trainable(self) -> bool:
         return self.combined.trainable
+
+    def why_not_trainable(self) -> str:
+        """One line, in numbers, for a family without a validated reward (what a skipped round shows)."""
+        if self.evidence is None:
+            return "no validated reward"
+        v = self.validation
+        return "no validated reward: " + self.evidence.describe(self.reports, v.bar, v.min_pos, v.min_pairs)
 
 
 def _split(trajs: Sequence[Trajectory], split_time: dt.datetime) -> tuple[list[Trajectory], list[Trajectory]]:
@@ -109,10 +140,15 @@ def build_family_rewards(family, env_version: str, trajectories: Sequence[Trajec
     if s.judge.base_url:
         candidates.append(LLMJudge(fid, s.judge))
 
+    # Two sources of held-out human signal: thumbs/outcomes (AUC on labels) and corrections
+    # (preference pairs: the person's answer beats the one served). learner/rewards/preferences.py.
+    pairs = preference_pairs(heldout)
     reports: dict[str, ValidationReport] = {}
     for r in candidates:
         sample = heldout[: s.judge_max_heldout] if r.kind == "llm_judge" else heldout
-        reports[r.name] = validate(r, sample, s.validation, now)
+        pair_sample = pairs[: s.judge_max_heldout] if r.kind == "llm_judge" else pairs
+        reports[r.name] = combine_evidence(validate(r, sample, s.validation, now),
+                                           validate_pairs(r, pair_sample, s.validation, now))
     weights = weights_from_reports(reports)
     # keep the better-validating of the learned reward models (cheap features, + embeddings, policy head)
     rms = [r for r in candidates if r.kind in ("learned_rm", "policy_head") and reports[r.name].passed]
@@ -147,7 +183,12 @@ def build_family_rewards(family, env_version: str, trajectories: Sequence[Trajec
         results = combined.score_many(heldout, [_completion(t) for t in heldout])
         combined_report = validate_scores("combined", combined.version, fid, [x.score for x in results],
                                           [t.label() for t in heldout], s.validation, now)
-    return FamilyRewards(fid, family.tenant, env_version, rows, reports, combined, combined_report, failures)
+    labels = [t.label() for t in heldout]
+    evidence = FamilyEvidence(sum(1 for x in labels if x is not None and x > 0.5),
+                              sum(1 for x in labels if x is not None and x < 0.5), len(pairs),
+                              sum(len(t.corrections()) for t in fit), estimate_thumb_noise(trajectories))
+    return FamilyRewards(fid, family.tenant, env_version, rows, reports, combined, combined_report, failures,
+                         evidence, s.validation)
 
 
 def _completion(t: Trajectory):

@@ -30,7 +30,8 @@ from learner.types import Trajectory, ValidationReport
 @dataclass(frozen=True)
 class ValidationSettings:
     """``bar``: the AUC the interval's lower bound must clear. ``min_pos``/``min_neg``: fewer
-    held-out judgements of a class than this and the reward is not validated at all."""
+    held-out judgements of a class than this and the reward is not validated at all. ``min_pairs``:
+    the same floor for held-out correction pairs (``learner.rewards.preferences``)."""
 
     bar: float = 0.65
     n_boot: int = 1000
@@ -38,6 +39,7 @@ class ValidationSettings:
     min_pos: int = 15
     min_neg: int = 15
     seed: int = 0
+    min_pairs: int = 15  # held-out correction pairs a reward must score (learner.rewards.preferences)
 
 
 def _weighted_auc(scores_sorted: np.ndarray, is_pos: np.ndarray, weights: np.ndarray) -> np.ndarray:
