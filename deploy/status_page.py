@@ -71,6 +71,7 @@ def collect(warehouse, home: Path | None = None, minutes: int = 180) -> dict[str
         "routing": None,
         "true_success_demo": {},
         "versions": [{**v, "updated_at": str(v["updated_at"])} for v in versions],
+        "rounds": _rounds(warehouse),
     }
     for t, v, n in requests:
         data["requests_per_minute"].setdefault(v, []).append((_ts(t), n))
@@ -99,6 +100,16 @@ def collect(warehouse, home: Path | None = None, minutes: int = 180) -> dict[str
         for (v, t), values in sorted(buckets.items(), key=lambda kv: kv[0][1]):
             data["true_success_demo"].setdefault(v, []).append((t, sum(values) / len(values)))
     return data
+
+
+def _rounds(warehouse, limit: int = 20) -> list[dict[str, Any]]:
+    """The learner's recent round decisions (learner/round_log.py), skipped ones with why per family."""
+    from learner.round_log import read_rounds
+
+    return [{"round": r.round, "family": r.family, "status": r.status.value, "adapter": r.adapter,
+             "reason": r.reason, "decided_at": r.decided_at.isoformat(),
+             "families": [{"family": p.label or p.family_id, "method": p.method.value, "reason": p.reason}
+                          for p in r.plans]} for r in read_rounds(warehouse, limit=limit)]
 
 
 def svg_chart(title: str, series: dict[str, list[tuple[float, float]]], marks: list[dict[str, Any]],
@@ -185,6 +196,12 @@ def render(data: dict[str, Any]) -> str:
         f"<tr><td>{esc(v['name'])}</td><td>{esc(v['status'])}</td><td>{esc(v['parent'] or '(base)')}</td>"
         f"<td>{esc(v['updated_at'][:19])}</td><td>{esc(v['reason'] or '')}</td></tr>" for v in reversed(data.get("versions", [])))
     versions = versions or '<tr><td colspan="5" class="empty">no adapter trained yet</td></tr>'
+    rounds = "".join(
+        f"<tr><td>{esc(r['decided_at'][:19])}</td><td>{r['round']}</td><td>{esc(r['status'])}</td>"
+        f"<td>{esc(r['adapter'])}</td><td>{esc(r['reason'])}<ul>"
+        + "".join(f"<li>{esc(f['family'])}: <b>{esc(f['method'])}</b>: {esc(f['reason'])}</li>" for f in r["families"])
+        + "</ul></td></tr>" for r in data.get("rounds", []))
+    rounds = rounds or '<tr><td colspan="5" class="empty">no learning round decided yet</td></tr>'
     counts = data["counts"]
     count_text = ", ".join(f"{t}: {c['final']:,}" for t, c in counts.items())
     routing = esc(json.dumps(data["routing"], indent=1)) if data["routing"] is not None else "names pass through (no routing table yet)"
@@ -194,6 +211,7 @@ def render(data: dict[str, Any]) -> str:
 <h1>onpolicy status</h1><p class="empty">generated {esc(data['generated_at'][:19])} UTC · events landed: {esc(count_text)}</p>
 <div class="grid">{''.join(charts)}</div>{demo}
 <h2>Adapter versions (learner)</h2><div class="scroll"><table><tr><th>version</th><th>status</th><th>parent</th><th>updated</th><th>reason</th></tr>{versions}</table></div>
+<h2>Learning rounds (every decision, skipped rounds with why)</h2><div class="scroll"><table><tr><th>decided</th><th>round</th><th>status</th><th>adapter</th><th>why, per task family</th></tr>{rounds}</table></div>
 <h2>Routing</h2><pre class="scroll">{routing}</pre>
 <h2>Decisions (control events)</h2><div class="scroll"><table><tr><th>time</th><th>action</th><th>version</th><th>actor</th><th>reason</th></tr>{rows}</table></div>
 </body></html>"""

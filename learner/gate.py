@@ -212,6 +212,9 @@ def gate_prompts(env, max_prompts: int) -> tuple[list, str]:
 def make_loop_gate(base_path, trainer_settings, forgetting_suite: Sequence[ForgettingTask],
                    settings: GateSettings | None = None, max_prompts: int = 64, samples: int = 4):
     """The gate as :class:`learner.loop.LearningLoop` calls it: ``gate(policy, production, envs, objectives)``.
+    ``objectives[family]`` is the family's ValidatedObjective, or for a family trained on its
+    corrections a :class:`learner.corrections.HeldoutCorrectionCheck` (its own held-out prompts,
+    scored against what people said the answers should be).
 
     Answers are sampled (``samples`` per prompt, same seeds for both policies): that is what users of
     a public model served at the default temperature get. Prompts per family: :func:`gate_prompts`.
@@ -222,9 +225,14 @@ def make_loop_gate(base_path, trainer_settings, forgetting_suite: Sequence[Forge
         from learner.trainer import LoraPolicy
 
         prod = LoraPolicy(base_path, trainer_settings, adapter_dir=production.path if production else None)
+        from learner.corrections import HeldoutCorrectionCheck
+
         prompts, sources = {}, {}
-        for fid in objectives:
-            pool, sources[fid] = gate_prompts(envs.environments[fid], max_prompts)
+        for fid, obj in objectives.items():
+            if isinstance(obj, HeldoutCorrectionCheck):  # a distilled family: its held-out corrected prompts
+                pool, sources[fid] = obj.prompts[:max_prompts], obj.source
+            else:
+                pool, sources[fid] = gate_prompts(envs.environments[fid], max_prompts)
             prompts[fid] = pool * samples
         # The forgetting suite greedily: one deterministic answer per request, so the points threshold
         # compares the policies, not two draws. It had been given the sampled answerers (since

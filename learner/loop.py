@@ -5,20 +5,44 @@ twice.
 A round, in order:
   1. wait until the signal log holds ``min_new_feedback`` judged interactions past the committed
      offset (the round's window is ``[committed, end)``, fixed when the round starts);
-  2. rebuild environments and rewards from every trajectory up to ``end`` and keep the families with
-     a validated reward (:class:`learner.trainer.ValidatedObjective`); none -> the round is recorded
-     as skipped and the offsets still advance (the signal stays in later rebuilds). At a round's
-     first step the *stored* active rewards (``RewardRegistry.revalidate``) are re-checked on the
-     window's fresh feedback too, so the persisted reward table retires a reward that stopped
+  2. rebuild environments and rewards from every trajectory up to ``end``. Rewards are validated on
+     held-out thumbs *and* held-out correction pairs (learner/rewards/preferences.py); a family with
+     a validated reward (:class:`learner.trainer.ValidatedObjective`) is trained by GRPO. At a
+     round's first step the *stored* active rewards (``RewardRegistry.revalidate``) are re-checked
+     on the window's fresh feedback too, so the persisted reward table retires a reward that stopped
      agreeing with users;
-  3. start from the production adapter (or the base) and take ``steps_per_round`` GRPO steps on
-     prompts from the train pools, families drawn evenly; before each step the control state is
-     read (pause/resume within one step);
-  4. register the adapter (lineage: window, environment and reward versions, hyperparameters,
-     metrics), run the gate against production, and hand a gated adapter to ``ship(version,
-     context)`` -- publish, shadow, canary (learner/release.py); the loop waits for the canary's
-     decision (release.py says why) so the next round starts from the decided production adapter;
-  5. commit: the round's ``end`` becomes the committed offset.
+  3. plan each family (:class:`learner.round_log.FamilyPlan`): GRPO, distillation of its
+     corrections, or nothing -- and why, in numbers. No family trainable -> the round is recorded as
+     skipped (with every family's reason) and the offsets still advance (the signal stays in later
+     rebuilds);
+  4. start from the production adapter (or the base) and take the planned steps: ``steps_per_round``
+     GRPO steps on prompts from the train pools (families drawn evenly) and the distillation steps
+     (corrections of the distilled families, families drawn evenly), interleaved evenly in one
+     adapter; before each step the control state is read (pause/resume within one step);
+  5. register the adapter (lineage: window, environment and reward versions, hyperparameters,
+     metrics), run the gate against production (GRPO families on their validated reward, distilled
+     families on their held-out corrections), record the round's decision in the round log, and hand
+     a gated adapter to ``ship(version, context)`` -- publish, shadow, canary (learner/release.py);
+     the loop waits for the canary's decision (release.py says why) so the next round starts from
+     the decided production adapter;
+  6. commit: the round's ``end`` becomes the committed offset.
+
+How corrections and GRPO are mixed, and why
+    A correction (a person typing the right answer) is the strongest signal a model that is mostly
+    wrong gets, and at a cold start it is often the only one: thumbs up are too few to validate any
+    reward. So corrections are trained on directly, by ``distill_method`` (SFT by default: the
+    measured floor, docs/learning-curve.md has the SFT / SDFT / SDFT+SFT table on SmolLM2). Which
+    families: by default (``DistillScope.UNCOVERED``) those *without* a validated reward. A family
+    with one is trained by GRPO, whose rewards already carry its corrections (the reference reward
+    and the answer memory are fitted from them), while SFT on the same family moves shared weights
+    towards its demonstrations and forgot sums without a carry on the tiny model (95% -> 40%,
+    tests/unit/test_trainer_sdft.py). ``DistillScope.ALL`` distils every family beside GRPO; the
+    gate's forgetting suite judges either. Only corrections before the build's split time are
+    trained on; the later ones check the adapter at the gate (learner/corrections.py). Each user
+    carries at most a capped share of a family's corrections, and corrections never cross tenants.
+    A distillation that collapses (the student's samples turn into a word repeated to the end)
+    is stopped within the round by the degenerate-sample guard (``LoopSettings.degenerate_stop``);
+    the gate is the second line, not the first.
 
 Checkpoint promise (``Checkpointer``): after every ``checkpoint_every`` steps the adapter weights,
 the optimizer state, the round's window, its environment/reward versions and the step count are
@@ -38,7 +62,9 @@ validate rewards, never as off-policy gradient: see learner/trainer.py.
 from __future__ import annotations
 
 import datetime as dt
+import enum
 import json
+import math
 import logging
 import os
 import random
@@ -48,6 +74,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
+from learner.corrections import CorrectionSettings, FamilyCorrections, family_corrections, heldout_check
+from learner.round_log import FamilyPlan, ListRoundLog, Method, RoundLog, RoundRecord, RoundStatus, summarize
 from learner.types import FeedbackSignal, Trajectory
 
 log = logging.getLogger(__name__)
@@ -119,9 +147,23 @@ class ControlState:
                 self.paused = False
 
 
+class DistillScope(str, enum.Enum):
+    """Which task families a round distils from their corrections (see the module docstring)."""
+
+    UNCOVERED = "uncovered"  # families without a validated reward (GRPO's rewards carry the others' corrections)
+    ALL = "all"  # every family with enough corrections, beside GRPO where it has a validated reward
+    OFF = "off"  # GRPO only
+
+
 @dataclass(frozen=True)
 class LoopSettings:
-    """``min_new_feedback``: judged interactions past the committed offset that start a round."""
+    """``min_new_feedback``: judged interactions past the committed offset that start a round.
+    ``steps_per_round``: GRPO steps (when any family has a validated reward). Distillation steps
+    come on top: ``distill_epochs`` passes over the round's corrections, at most ``steps_per_round``,
+    in batches of the trainer's ``prompts_per_step``, interleaved evenly with the GRPO steps.
+    ``degenerate_stop``: share of the student's samples that look degenerate (a word repeated over
+    and over, no end) over the last ``guard_window`` distillation steps that stops distilling for the
+    rest of the round and restores the last checkpoint's weights (the collapse guard)."""
 
     family: str = "demo"
     min_new_feedback: int = 500
@@ -129,6 +171,16 @@ class LoopSettings:
     checkpoint_every: int = 5
     poll_s: float = 1.0
     seed: int = 0
+    distill_method: Method = Method.SFT
+    distill_scope: DistillScope = DistillScope.UNCOVERED
+    distill_epochs: float = 2.0
+    corrections: CorrectionSettings = field(default_factory=CorrectionSettings)
+    degenerate_stop: float = 0.5
+    guard_window: int = 3
+
+    def __post_init__(self) -> None:
+        if self.distill_method in (Method.GRPO, Method.NONE):
+            raise ValueError(f"distill_method must be one of sft, sdft, sdft+sft; got {self.distill_method.value}")
 
 
 # -- checkpoints --------------------------------------------------------------------------------
@@ -184,13 +236,34 @@ class Checkpointer:
 
 @dataclass
 class RoundResult:
+    """What a round did. ``status``: a :class:`RoundStatus`; ``reason``: one line, in numbers;
+    ``plans``: per task family, how it was trained or why not (the same record the round log keeps)."""
+
     round: int
     window: tuple[int, int]
-    status: str
+    status: RoundStatus
+    reason: str = ""
     adapter: str = ""
     gate: str = ""
     metrics: dict[str, Any] = field(default_factory=dict)
     release: str | None = None  # what ship() made of the adapter: production, rolled_back, shadow_failed, ...
+    plans: tuple[FamilyPlan, ...] = ()
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What the round trains: GRPO objectives, distillation sets, and the step schedule."""
+
+    objectives: dict
+    corrections: dict[str, FamilyCorrections]
+    families: tuple[FamilyPlan, ...]
+    grpo_steps: int
+    distill_steps: int
+
+    def distills(self, step: int) -> bool:
+        """True when ``step`` (0-based) is a distillation step: they are spread evenly among GRPO's."""
+        total = self.grpo_steps + self.distill_steps
+        return math.floor((step + 1) * self.distill_steps / total) > math.floor(step * self.distill_steps / total)
 
 
 class LearningLoop:
@@ -200,7 +273,8 @@ class LearningLoop:
                  trainer_settings=None, settings: LoopSettings | None = None,
                  control: Callable[[], ControlState] = ControlState,
                  gate: Callable[..., Any] | None = None, ship: Callable[[Any], None] | None = None,
-                 env_settings=None, reward_settings=None, on_step: Callable[[dict], None] | None = None):
+                 env_settings=None, reward_settings=None, on_step: Callable[[dict], None] | None = None,
+                 round_log: RoundLog | None = None):
         from learner.trainer import TrainerSettings
 
         self.base_path = str(base_path)
@@ -215,6 +289,7 @@ class LearningLoop:
         self.env_settings = env_settings
         self.reward_settings = reward_settings
         self.on_step = on_step
+        self.round_log = round_log if round_log is not None else ListRoundLog()
         self.state, self.ckpt_dir = self.ckpt.load()
         self.state.setdefault("committed", 0)
         self.state.setdefault("round", 0)
@@ -245,6 +320,45 @@ class LearningLoop:
         self._round_trajectories = trajs
         return envs, rewards, objs
 
+    def _plan(self, envs, rewards, objs) -> _Plan:
+        """Per family: GRPO on a validated reward, distillation of its corrections, or neither (and why)."""
+        s = self.settings
+        by_family = envs.family_trajectories(self._round_trajectories)
+        plans, corrections = [], {}
+        for fid, env in sorted(envs.environments.items()):
+            label = env.family.label
+            fc = family_corrections(fid, env.family.tenant, by_family.get(fid, []), envs.split_time, s.corrections)
+            grpo = fid in objs
+            wants_distill = s.distill_scope is DistillScope.ALL or (s.distill_scope is DistillScope.UNCOVERED and not grpo)
+            distill_why = ""
+            if wants_distill:
+                if len(fc.train) < s.corrections.min_train:
+                    distill_why = f"{len(fc.train)} of {s.corrections.min_train} corrections needed to distil"
+                elif len(fc.heldout) < s.corrections.min_heldout:
+                    distill_why = (f"{len(fc.heldout)} of {s.corrections.min_heldout} held-out corrections needed "
+                                   "to check a distilled adapter")
+                else:
+                    corrections[fid] = fc
+            if grpo:
+                reason = f"validated reward {objs[fid].version} ({len(env.train)} train prompts)"
+                if fid in corrections:
+                    reason += f"; also {s.distill_method.value}: {fc.describe()}"
+                plans.append(FamilyPlan(fid, label, Method.GRPO, reason, len(env.train)))
+            elif fid in corrections:
+                plans.append(FamilyPlan(fid, label, s.distill_method, f"{fc.describe()}; "
+                                        + rewards[fid].why_not_trainable(), len(fc.train)))
+            else:
+                why = rewards[fid].why_not_trainable() if fid in rewards else "no rewards built"
+                if distill_why:
+                    why = f"{why}; {distill_why}"
+                elif s.distill_scope is DistillScope.OFF:
+                    why = f"{why}; distillation is off"
+                plans.append(FamilyPlan(fid, label, Method.NONE, why))
+        batch = max(1, self.ts.prompts_per_step)
+        n_demos = sum(len(fc.train) for fc in corrections.values())
+        distill_steps = min(s.steps_per_round, math.ceil(s.distill_epochs * n_demos / batch)) if corrections else 0
+        return _Plan(objs, corrections, tuple(plans), s.steps_per_round if objs else 0, distill_steps)
+
     def _revalidate_stored(self, envs, start: int, end: int) -> list:
         """Re-validate the *stored* active rewards (``RewardRegistry``, what ``onpolicy rewards`` and the
         admin show) on the round's new feedback, retiring those that no longer agree with users. The
@@ -262,10 +376,17 @@ class LearningLoop:
             reports += reg.revalidate(fid, fresh[fid])
         return reports
 
+    def _decide(self, result: RoundResult) -> RoundResult:
+        """Record the round's decision where the operator looks (the round log), then return it."""
+        self.round_log.record(RoundRecord(self.settings.family, result.round, result.status, result.window,
+                                          result.reason, result.plans, result.adapter, result.metrics))
+        log.info("round %d %s: %s", result.round, result.status.value, result.reason)
+        return result
+
     def run_round(self) -> RoundResult:
         import torch
 
-        from learner.trainer import GRPOTrainer, LoraPolicy
+        from learner.trainer import DistillMethod, DistillTrainer, GRPOTrainer, LoraPolicy
 
         st = self.state
         if "window" not in st:  # a new round: fix its window now
@@ -279,72 +400,141 @@ class LearningLoop:
         if st.get("env_versions") not in (None, env_versions):
             raise RuntimeError(f"round {rnd}: environments rebuilt from the same window differ from the checkpoint "
                                "(nondeterministic build); refusing to mix them")
-        if not objs:
+        plan = self._plan(envs, rewards, objs)
+        total_steps = plan.grpo_steps + plan.distill_steps
+        if total_steps == 0:
             self._commit(rnd, end)
-            return RoundResult(rnd, (start, end), "skipped: no family has a validated reward")
+            return self._decide(RoundResult(rnd, (start, end), RoundStatus.SKIPPED, summarize(plan.families),
+                                            plans=plan.families))
+        if st.get("schedule") not in (None, [plan.grpo_steps, plan.distill_steps]):
+            raise RuntimeError(f"round {rnd}: the step schedule rebuilt from the same window differs from the "
+                               "checkpoint (nondeterministic build); refusing to mix them")
         prod = self.registry.production(self.settings.family)
         parent_dir = prod.path if prod else None
         policy = LoraPolicy(self.base_path, self.ts, adapter_dir=parent_dir)
-        opt_state = None
-        if self.ckpt_dir is not None and st.get("step", 0) > 0 and (self.ckpt_dir / "optimizer.pt").exists():
+        opt_state = distill_opt_state = None
+        resumed = self.ckpt_dir is not None and st.get("step", 0) > 0
+        if resumed and (self.ckpt_dir / "adapter.pt").exists():
             policy.load_adapter_state(torch.load(self.ckpt_dir / "adapter.pt"))
-            opt_state = torch.load(self.ckpt_dir / "optimizer.pt")
-        trainer = GRPOTrainer(policy, objs, opt_state)
-        fams = sorted(objs)
-        st = {**st, "env_versions": env_versions, "reward_versions": reward_versions}
+            if (self.ckpt_dir / "optimizer.pt").exists():
+                opt_state = torch.load(self.ckpt_dir / "optimizer.pt")
+            if (self.ckpt_dir / "distill_optimizer.pt").exists():
+                distill_opt_state = torch.load(self.ckpt_dir / "distill_optimizer.pt")
+        grpo = GRPOTrainer(policy, objs, opt_state) if plan.grpo_steps else None
+        distill = DistillTrainer(policy, distill_opt_state) if plan.distill_steps else None
+        method = DistillMethod(self.settings.distill_method.value)
+        grpo_fams = sorted(objs)
+        demos = {fid: fc.train for fid, fc in sorted(plan.corrections.items())}
+        distill_fams = sorted(demos)
+        st = {**st, "env_versions": env_versions, "reward_versions": reward_versions,
+              "schedule": [plan.grpo_steps, plan.distill_steps]}
         history: list[dict] = list(st.get("history", []))
+        guard: dict[str, Any] = dict(st.get("guard", {}))
+        healthy = policy.adapter_state()  # the weights the collapse guard falls back to
         step = st.get("step", 0)
-        while step < self.settings.steps_per_round:
+        while step < total_steps:
             while self.control().paused:  # obeyed before the next step
                 time.sleep(self.settings.poll_s)
             rng = random.Random(f"{self.settings.seed}-{rnd}-{step}")
-            batch = []
-            for _ in range(self.ts.prompts_per_step):
-                pool = envs.environments[fams[rng.randrange(len(fams))]].train
-                batch.append(pool[rng.randrange(len(pool))])
-            m = trainer.step(batch, step_seed=rnd * 100_000 + step)
+            distilling = plan.distills(step)
+            if distilling and guard.get("stopped_at") is not None:
+                step += 1  # distillation was stopped by the guard: its remaining slots stay empty
+                continue
+            if not distilling:
+                batch = []
+                for _ in range(self.ts.prompts_per_step):
+                    pool = envs.environments[grpo_fams[rng.randrange(len(grpo_fams))]].train
+                    batch.append(pool[rng.randrange(len(pool))])
+                m = grpo.step(batch, step_seed=rnd * 100_000 + step)
+                rec = {"round": rnd, "step": step + 1, "method": Method.GRPO.value, "reward": m.reward_mean,
+                       "kl": m.kl, "loss": m.loss, "rollout_tok_s": m.rollout_tok_s, "skipped": m.skipped}
+            else:
+                batch = []
+                for _ in range(self.ts.prompts_per_step):  # families evenly, then a correction of the family
+                    pool = demos[distill_fams[rng.randrange(len(distill_fams))]]
+                    batch.append(pool[rng.randrange(len(pool))])
+                dm = distill.step(batch, method, seed=rnd * 100_000 + step)
+                rec = {"round": rnd, "step": step + 1, "method": method.value, "reward": None, "kl": dm.kl,
+                       "loss": dm.loss, "sft_loss": dm.sft_loss, "degenerate": dm.degenerate,
+                       "rollout_tok_s": 0.0, "skipped": ""}
+                recent = [h["degenerate"] for h in history if h.get("method") == method.value][-(self.settings.guard_window - 1):]
+                recent.append(dm.degenerate)
+                if len(recent) >= self.settings.guard_window and \
+                        sum(recent) / len(recent) >= self.settings.degenerate_stop:
+                    policy.load_adapter_state(healthy)
+                    guard = {"stopped_at": step + 1, "degenerate": sum(recent) / len(recent),
+                             "reason": f"distillation stopped at step {step + 1}: {sum(recent) / len(recent):.0%} of "
+                                       f"the student's samples degenerate over the last {len(recent)} steps "
+                                       f"(stop at {self.settings.degenerate_stop:.0%}); weights restored to the "
+                                       "last healthy checkpoint"}
+                    log.warning("round %d: %s", rnd, guard["reason"])
             step += 1
-            rec = {"round": rnd, "step": step, "reward": m.reward_mean, "kl": m.kl, "loss": m.loss,
-                   "rollout_tok_s": m.rollout_tok_s, "skipped": m.skipped}
             history.append(rec)
             self.metrics.append(rec)
             if self.on_step:
                 self.on_step(rec)
-            if step % self.settings.checkpoint_every == 0 or step == self.settings.steps_per_round:
-                st = {**st, "step": step, "history": history}
-                self._checkpoint(st, policy, trainer)
-        # register (idempotent by checksum), gate, ship, then commit the window
+            if step % self.settings.checkpoint_every == 0 or step == total_steps or guard.get("stopped_at") == step:
+                st = {**st, "step": step, "history": history, "guard": guard}
+                self._checkpoint(st, policy, grpo, distill)
+                if not guard:
+                    healthy = policy.adapter_state()
+        return self._finish_round(rnd, start, end, st, plan, policy, prod, envs, env_versions, reward_versions,
+                                  history, guard)
+
+    def _finish_round(self, rnd, start, end, st, plan: _Plan, policy, prod, envs, env_versions, reward_versions,
+                      history, guard) -> RoundResult:
+        """Register (idempotent by checksum), gate, ship, record the decision, then commit the window."""
         out_dir = self.ckpt.root / f"adapter-round-{rnd}"
         shutil.rmtree(out_dir, ignore_errors=True)
         policy.save_adapter(out_dir)
         from learner.registry import Lineage
 
+        steps = {m: sum(1 for h in history if h.get("method") == m) for m in {h.get("method") for h in history}}
+        grpo_rewards = [h["reward"] for h in history if h.get("method") == Method.GRPO.value]
         version = self.registry.register(self.settings.family, out_dir, Lineage(
             parent=prod.name if prod else "", base_model=self.base_path,
             data_window={"start": start, "end": end, "round": rnd}, env_versions=env_versions,
-            reward_versions=reward_versions, hyperparams=self.ts.to_dict(),
-            metrics={"reward_last": history[-1]["reward"] if history else None, "steps": step}))
-        result = RoundResult(rnd, (start, end), "trained", version.name, metrics={"steps": step})
+            reward_versions=reward_versions, hyperparams={**self.ts.to_dict(), "distill_method":
+                                                          self.settings.distill_method.value},
+            metrics={"reward_last": grpo_rewards[-1] if grpo_rewards else None, "steps": len(history),
+                     "steps_by_method": steps,
+                     "corrections": {fid: len(fc.train) for fid, fc in plan.corrections.items()},
+                     "guard": guard}))
+        metrics = {"steps": len(history), "steps_by_method": steps, **({"guard": guard} if guard else {})}
+        reason = summarize(plan.families) + (f"; {guard['reason']}" if guard else "")
+        result = RoundResult(rnd, (start, end), RoundStatus.TRAINED, reason, version.name, metrics=metrics,
+                             plans=plan.families)
         if self.gate is not None and version.status == "candidate":
-            g = self.gate(policy, prod, envs, objs)
+            checks = dict(plan.objectives)
+            for fid, fc in plan.corrections.items():
+                if fid not in checks and (check := heldout_check(fc)) is not None:
+                    checks[fid] = check
+            g = self.gate(policy, prod, envs, checks)
             from learner.gate import record
 
             version = record(self.registry, version.name, prod.name if prod else "", g)
             result.gate = g.reason
+            result.status = RoundStatus.GATED if g.passed else RoundStatus.GATE_FAILED
+            result.reason = f"{reason}; gate {g.reason}"
+        self._decide(result)
         if self.ship is not None and version.routable and self.settings.family not in self.control().pinned:
             from learner.release import RoundContext
 
             fam_settings = self.env_settings.families if self.env_settings is not None else None
-            result.release = self.ship(version, RoundContext(envs, objs, self._round_trajectories, fam_settings))
+            result.release = self.ship(version, RoundContext(envs, plan.objectives, self._round_trajectories,
+                                                             fam_settings))
         self._commit(rnd, end)
         return result
 
-    def _checkpoint(self, st: dict, policy, trainer) -> None:
+    def _checkpoint(self, st: dict, policy, grpo, distill) -> None:
         import torch
 
         def files(d: Path) -> None:
             torch.save(policy.adapter_state(), d / "adapter.pt")
-            torch.save(trainer.optimizer.state_dict(), d / "optimizer.pt")
+            if grpo is not None:
+                torch.save(grpo.optimizer.state_dict(), d / "optimizer.pt")
+            if distill is not None:
+                torch.save(distill.optimizer.state_dict(), d / "distill_optimizer.pt")
 
         self.ckpt_dir = self.ckpt.save(st, files)
         self.state = json.loads((self.ckpt_dir / "state.json").read_text())

@@ -25,6 +25,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--lr", type=float, default=1e-3, help="LoRA learning rate")
     run.add_argument("--kl-beta", type=float, default=0.05, help="weight of the KL guard to the base")
     run.add_argument("--rounds", type=int, default=None, help="stop after this many rounds (default: forever)")
+    run.add_argument("--distill", default="sft", choices=("sft", "sdft", "sdft+sft"),
+                     help="how corrections are trained on (docs/learning-curve.md compares them)")
+    run.add_argument("--distill-scope", default="uncovered", choices=("uncovered", "all", "off"),
+                     help="which families are distilled from their corrections: those without a validated reward "
+                          "(default), all, or none")
     run.add_argument("--publish-to", action="append", default=None, metavar="VLLM_BASE_URL",
                      help="vLLM replica(s) (…/v1) to publish gated adapters to; repeat for several")
     run.add_argument("--public-model", default=None,
@@ -42,8 +47,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--metrics-port", type=int, default=None,
                      help="serve Prometheus metrics on 127.0.0.1:PORT (default: off; 0 picks a free port)")
     run.set_defaults(func=_run)
-    status = sub.add_parser("status", help="adapter versions with lineage and status, and the loop's checkpoint")
+    status = sub.add_parser("status", help="adapter versions with lineage and status, every round's decision (skipped "
+                                           "ones with why), and the loop's checkpoint")
     _common(status)
+    status.add_argument("--rounds", type=int, default=20, help="how many recent rounds to show")
     status.set_defaults(func=_status)
     p.set_defaults(func=lambda args: p.print_help() or 2)
 
@@ -89,8 +96,10 @@ def _releaser(args, base_served_name: str, wh, registry):
 
 
 def _run(args) -> int:
-    from learner.gate import demo_forgetting_suite, make_loop_gate
-    from learner.loop import LearningLoop, LoopSettings, WarehouseSignalLog
+    from learner.gate import make_loop_gate
+    from learner.round_log import RoundStatus
+    from learner.loop import DistillScope, LearningLoop, LoopSettings, WarehouseSignalLog
+    from learner.round_log import Method, WarehouseRoundLog
     from learner.models import ensure_model
     from learner.registry import AdapterRegistry
     from learner.trainer import TrainerSettings
@@ -124,28 +133,51 @@ def _run(args) -> int:
 
     loop = LearningLoop(base, WarehouseSignalLog(wh), registry, args.dir / "ckpt", ts,
                         LoopSettings(family=args.family, min_new_feedback=args.min_new_feedback,
-                                     steps_per_round=args.steps),
-                        gate=make_loop_gate(base, ts, demo_forgetting_suite() if args.model == "onpolicy-tiny" else []),
-                        ship=ship, on_step=on_step)
+                                     steps_per_round=args.steps, distill_method=Method(args.distill),
+                                     distill_scope=DistillScope(args.distill_scope)),
+                        gate=make_loop_gate(base, ts, _forgetting_suite(args.model)),
+                        ship=ship, on_step=on_step, round_log=WarehouseRoundLog(wh))
     for r in loop.run(max_rounds=args.rounds):
-        metrics.ROUNDS.labels(r.status.split(":")[0]).inc()
+        metrics.ROUNDS.labels(r.status.value).inc()
         if r.gate:
-            metrics.GATE.labels("passed" if r.gate.startswith("passed") else "failed").inc()
-        print(json.dumps({"round": r.round, "window": r.window, "status": r.status, "adapter": r.adapter,
-                          "gate": r.gate, "release": r.release}), flush=True)
+            metrics.GATE.labels("passed" if r.status is RoundStatus.GATED else "failed").inc()
+        print(json.dumps({"round": r.round, "window": r.window, "status": r.status.value, "reason": r.reason,
+                          "adapter": r.adapter, "gate": r.gate, "release": r.release,
+                          "families": [p.line() for p in r.plans]}), flush=True)
     return 0
+
+
+def _forgetting_suite(model: str) -> list:
+    """Fixed base skills the gate holds every adapter to (learner/gate.py): the demo families for the
+    tiny model, general skills for SmolLM2 (learner/forgetting.py); none known for other models."""
+    from learner.gate import demo_forgetting_suite
+
+    if model == "onpolicy-tiny":
+        return demo_forgetting_suite()
+    if model == "smollm2-135m-instruct":
+        from learner.forgetting import smollm2_forgetting_suite
+
+        return smollm2_forgetting_suite()
+    return []
 
 
 def _status(args) -> int:
     from learner.loop import Checkpointer
     from learner.registry import AdapterRegistry
+    from learner.round_log import read_rounds
 
-    reg = AdapterRegistry(_warehouse(), args.dir / "adapters")
+    wh = _warehouse()
+    reg = AdapterRegistry(wh, args.dir / "adapters")
     print(f"{'name':24s} {'status':14s} {'parent':18s} window      reason")
     for v in reg.versions(args.family):
         w = v.data_window
         print(f"{v.name:24s} {v.status:14s} {v.parent or '(base)':18s} {w.get('start', '')}-{w.get('end', '')}  "
               f"{v.reason[:80]}")
+    rounds = read_rounds(wh, args.family, limit=args.rounds)
+    print(f"\nlearning rounds (newest first, {len(rounds)} shown):" if rounds else "\nno learning round decided yet")
+    for rec in rounds:
+        for line in rec.lines():
+            print(f"  {line}")
     state, where = Checkpointer(args.dir / "ckpt").load()
     print(f"checkpoint: {where or 'none'} {json.dumps({k: v for k, v in state.items() if k != 'history'})}")
     return 0

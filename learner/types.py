@@ -141,6 +141,18 @@ class Trajectory:
 
 
 @dataclass(frozen=True)
+class Demonstration:
+    """A prompt and the answer a person said it should have had (a correction): what SFT and SDFT
+    learn from. ``weight`` scales its loss (``learner.corrections`` caps each user's share)."""
+
+    messages: tuple[Message, ...]
+    text: str
+    weight: float = 1.0
+    user_id: str = ""
+    interaction_id: str = ""
+
+
+@dataclass(frozen=True)
 class TrajectoryGroup:
     """The trajectories that answered the same prompt (same ``prompt_id``): GRPO's group."""
 
