@@ -108,7 +108,7 @@ def _rounds(warehouse, limit: int = 20) -> list[dict[str, Any]]:
 
     return [{"round": r.round, "family": r.family, "status": r.status.value, "adapter": r.adapter,
              "reason": r.reason, "decided_at": r.decided_at.isoformat(),
-             "families": [{"family": p.label or p.family_id, "method": p.method.value, "reason": p.reason}
+             "families": [{"family": p.label or p.family_id, "method": p.describe_methods(), "reason": p.reason}
                           for p in r.plans]} for r in read_rounds(warehouse, limit=limit)]
 
 

@@ -32,12 +32,15 @@ How corrections and GRPO are mixed, and why
     wrong gets, and at a cold start it is often the only one: thumbs up are too few to validate any
     reward. So corrections are trained on directly, by ``distill_method`` (SFT by default: the
     measured floor, docs/learning-curve.md has the SFT / SDFT / SDFT+SFT table on SmolLM2). Which
-    families: by default (``DistillScope.UNCOVERED``) those *without* a validated reward. A family
-    with one is trained by GRPO, whose rewards already carry its corrections (the reference reward
-    and the answer memory are fitted from them), while SFT on the same family moves shared weights
-    towards its demonstrations and forgot sums without a carry on the tiny model (95% -> 40%,
-    tests/unit/test_trainer_sdft.py). ``DistillScope.ALL`` distils every family beside GRPO; the
-    gate's forgetting suite judges either. Only corrections before the build's split time are
+    families: by default (``DistillScope.COLD``) those without a validated reward, and those served
+    mostly wrong (success estimated from the window's thumbs, corrected for their measured noise,
+    below ``cold_below``). A family served better than that is trained by GRPO alone, whose rewards
+    already carry its corrections (the reference reward and the answer memory are fitted from
+    them): SFT moves shared weights towards its demonstrations and forgot sums without a carry on
+    the tiny model (95% -> 40%, tests/unit/test_trainer_sdft.py), where the demo families are served
+    38-60% right. Below a quarter right, most of GRPO's groups are all wrong and carry no signal
+    (at 8% right, 0.92^8 = 51% of groups of 8), while corrections are what such users send.
+    ``DistillScope.ALL`` distils every family beside GRPO; the gate's forgetting suite judges either. Only corrections before the build's split time are
     trained on; the later ones check the adapter at the gate (learner/corrections.py). Each user
     carries at most a capped share of a family's corrections, and corrections never cross tenants.
     A distillation that collapses (the student's samples turn into a word repeated to the end)
@@ -75,6 +78,7 @@ from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
 from learner.corrections import CorrectionSettings, FamilyCorrections, family_corrections, heldout_check
+from learner.rewards.preferences import estimate_thumb_noise, estimated_success
 from learner.round_log import FamilyPlan, ListRoundLog, Method, RoundLog, RoundRecord, RoundStatus, summarize
 from learner.types import FeedbackSignal, Trajectory
 
@@ -150,7 +154,7 @@ class ControlState:
 class DistillScope(str, enum.Enum):
     """Which task families a round distils from their corrections (see the module docstring)."""
 
-    UNCOVERED = "uncovered"  # families without a validated reward (GRPO's rewards carry the others' corrections)
+    COLD = "cold"  # families without a validated reward, or served mostly wrong (estimated success < cold_below)
     ALL = "all"  # every family with enough corrections, beside GRPO where it has a validated reward
     OFF = "off"  # GRPO only
 
@@ -161,7 +165,9 @@ class LoopSettings:
     ``steps_per_round``: GRPO steps (when any family has a validated reward). Distillation steps
     come on top: ``distill_epochs`` passes over the round's corrections, at most ``steps_per_round``,
     in batches of the trainer's ``prompts_per_step``, interleaved evenly with the GRPO steps.
-    ``degenerate_stop``: share of the student's samples that look degenerate (a word repeated over
+    ``cold_below``: with ``DistillScope.COLD``, a family whose served success, estimated from its
+    window's thumbs corrected for their measured noise, is below this is distilled even when it has
+    a validated reward (GRPO then trains it too). ``degenerate_stop``: share of the student's samples that look degenerate (a word repeated over
     and over, no end) over the last ``guard_window`` distillation steps that stops distilling for the
     rest of the round and restores the last checkpoint's weights (the collapse guard)."""
 
@@ -172,14 +178,15 @@ class LoopSettings:
     poll_s: float = 1.0
     seed: int = 0
     distill_method: Method = Method.SFT
-    distill_scope: DistillScope = DistillScope.UNCOVERED
+    distill_scope: DistillScope = DistillScope.COLD
+    cold_below: float = 0.25
     distill_epochs: float = 2.0
     corrections: CorrectionSettings = field(default_factory=CorrectionSettings)
     degenerate_stop: float = 0.5
     guard_window: int = 3
 
     def __post_init__(self) -> None:
-        if self.distill_method in (Method.GRPO, Method.NONE):
+        if self.distill_method is Method.GRPO:
             raise ValueError(f"distill_method must be one of sft, sdft, sdft+sft; got {self.distill_method.value}")
 
 
@@ -324,12 +331,16 @@ class LearningLoop:
         """Per family: GRPO on a validated reward, distillation of its corrections, or neither (and why)."""
         s = self.settings
         by_family = envs.family_trajectories(self._round_trajectories)
+        window = envs.family_trajectories(self._round_trajectories[self.state.get("committed", 0):])
         plans, corrections = [], {}
         for fid, env in sorted(envs.environments.items()):
             label = env.family.label
             fc = family_corrections(fid, env.family.tenant, by_family.get(fid, []), envs.split_time, s.corrections)
             grpo = fid in objs
-            wants_distill = s.distill_scope is DistillScope.ALL or (s.distill_scope is DistillScope.UNCOVERED and not grpo)
+            success = estimated_success(window.get(fid, []), estimate_thumb_noise(by_family.get(fid, [])))
+            cold = success is not None and success[0] < s.cold_below
+            wants_distill = s.distill_scope is DistillScope.ALL or (
+                s.distill_scope is DistillScope.COLD and (not grpo or cold))
             distill_why = ""
             if wants_distill:
                 if len(fc.train) < s.corrections.min_train:
@@ -339,13 +350,19 @@ class LearningLoop:
                                    "to check a distilled adapter")
                 else:
                     corrections[fid] = fc
+            served = (f"served success ~{success[0]:.0%} (from {success[1]} thumbs, noise-corrected)"
+                      if success else "served success unknown (no thumbs in the window)")
             if grpo:
-                reason = f"validated reward {objs[fid].version} ({len(env.train)} train prompts)"
+                reason = f"validated reward {objs[fid].version} ({len(env.train)} train prompts); {served}"
+                methods: tuple[Method, ...] = (Method.GRPO,)
                 if fid in corrections:
-                    reason += f"; also {s.distill_method.value}: {fc.describe()}"
-                plans.append(FamilyPlan(fid, label, Method.GRPO, reason, len(env.train)))
+                    reason += f"; {s.distill_method.value}: {fc.describe()}"
+                    methods += (s.distill_method,)
+                elif distill_why:
+                    reason += f"; not distilled: {distill_why}"
+                plans.append(FamilyPlan(fid, label, methods, reason, len(env.train)))
             elif fid in corrections:
-                plans.append(FamilyPlan(fid, label, s.distill_method, f"{fc.describe()}; "
+                plans.append(FamilyPlan(fid, label, (s.distill_method,), f"{fc.describe()}; {served}; "
                                         + rewards[fid].why_not_trainable(), len(fc.train)))
             else:
                 why = rewards[fid].why_not_trainable() if fid in rewards else "no rewards built"
@@ -353,7 +370,7 @@ class LearningLoop:
                     why = f"{why}; {distill_why}"
                 elif s.distill_scope is DistillScope.OFF:
                     why = f"{why}; distillation is off"
-                plans.append(FamilyPlan(fid, label, Method.NONE, why))
+                plans.append(FamilyPlan(fid, label, (), why))
         batch = max(1, self.ts.prompts_per_step)
         n_demos = sum(len(fc.train) for fc in corrections.values())
         distill_steps = min(s.steps_per_round, math.ceil(s.distill_epochs * n_demos / batch)) if corrections else 0

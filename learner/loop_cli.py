@@ -27,9 +27,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--rounds", type=int, default=None, help="stop after this many rounds (default: forever)")
     run.add_argument("--distill", default="sft", choices=("sft", "sdft", "sdft+sft"),
                      help="how corrections are trained on (docs/learning-curve.md compares them)")
-    run.add_argument("--distill-scope", default="uncovered", choices=("uncovered", "all", "off"),
-                     help="which families are distilled from their corrections: those without a validated reward "
-                          "(default), all, or none")
+    run.add_argument("--distill-scope", default="cold", choices=("cold", "all", "off"),
+                     help="which families are distilled from their corrections: cold (default: no validated reward, "
+                          "or served mostly wrong), all, or none (learner/loop.py says why)")
     run.add_argument("--publish-to", action="append", default=None, metavar="VLLM_BASE_URL",
                      help="vLLM replica(s) (…/v1) to publish gated adapters to; repeat for several")
     run.add_argument("--public-model", default=None,

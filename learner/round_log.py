@@ -31,20 +31,28 @@ class Method(str, enum.Enum):
     SFT = "sft"  # cross-entropy on the corrections
     SDFT = "sdft"  # self-distillation: the model with the correction in context teaches itself
     SDFT_SFT = "sdft+sft"  # SDFT anchored by SFT on the same corrections
-    NONE = "none"  # not trained this round; ``reason`` says why
 
 
 @dataclass(frozen=True)
 class FamilyPlan:
+    """How one task family trained this round: ``methods`` (GRPO, a distillation method, or both in
+    one adapter; empty = not trained) and why, in numbers."""
+
     family_id: str
     label: str
-    method: Method
+    methods: tuple[Method, ...]
     reason: str
     examples: int = 0  # corrections (distillation) or train prompts (GRPO)
 
+    @property
+    def trained(self) -> bool:
+        return bool(self.methods)
+
+    def describe_methods(self) -> str:
+        return " + ".join(m.value for m in self.methods) if self.methods else "not trained"
+
     def line(self) -> str:
-        what = "not trained" if self.method is Method.NONE else f"{self.method.value}"
-        return f"{self.label or self.family_id}: {what}: {self.reason}"
+        return f"{self.label or self.family_id}: {self.describe_methods()}: {self.reason}"
 
 
 @dataclass(frozen=True)
@@ -90,7 +98,7 @@ class WarehouseRoundLog:
         self.wh = warehouse
 
     def record(self, rec: RoundRecord) -> None:
-        plans = json.dumps([{**asdict(p), "method": p.method.value} for p in rec.plans])
+        plans = json.dumps([{**asdict(p), "methods": [m.value for m in p.methods]} for p in rec.plans])
         self.wh.insert("learner_rounds", [[
             rec.family, rec.round, rec.status.value, rec.window[0], rec.window[1], rec.adapter, rec.reason, plans,
             json.dumps(rec.metrics, default=str), rec.decided_at.astimezone(dt.timezone.utc).replace(tzinfo=None)]],
@@ -116,7 +124,7 @@ def _from_row(r: dict) -> RoundRecord:
         at = dt.datetime.fromisoformat(at)
     if at.tzinfo is None:
         at = at.replace(tzinfo=dt.timezone.utc)
-    plans = tuple(FamilyPlan(p["family_id"], p.get("label", ""), Method(p["method"]), p["reason"],
+    plans = tuple(FamilyPlan(p["family_id"], p.get("label", ""), tuple(Method(m) for m in p["methods"]), p["reason"],
                              int(p.get("examples", 0))) for p in json.loads(r["plans"] or "[]"))
     return RoundRecord(r["family"], int(r["round"]), RoundStatus(r["status"]), (int(r["window_start"]),
                        int(r["window_end"])), r["reason"], plans, r["adapter"], json.loads(r["metrics"] or "{}"), at)
@@ -124,10 +132,11 @@ def _from_row(r: dict) -> RoundRecord:
 
 def summarize(plans: Sequence[FamilyPlan]) -> str:
     """The round's one-line reason from its family plans."""
-    trained = [p for p in plans if p.method is not Method.NONE]
+    trained = [p for p in plans if p.trained]
     if not trained:
         return "nothing to train: no family has a validated reward or enough corrections (per family below)"
-    by = {}
+    by: dict[str, list[str]] = {}
     for p in trained:
-        by.setdefault(p.method.value, []).append(p.label or p.family_id)
+        for m in p.methods:
+            by.setdefault(m.value, []).append(p.label or p.family_id)
     return "trained " + "; ".join(f"{m} on {', '.join(f)}" for m, f in sorted(by.items()))

@@ -195,3 +195,21 @@ def estimate_thumb_noise(trajectories: Sequence[Trajectory]) -> ThumbNoise:
                 checked += 1
                 contradicting += (thumb.value > 0) != truth
     return ThumbNoise(checked, contradicting)
+
+
+def estimated_success(trajectories: Sequence[Trajectory], noise: ThumbNoise) -> tuple[float, int] | None:
+    """The served policy's success rate on these trajectories, from thumbs corrected for their noise:
+    with a symmetric flip rate e, the observed up-rate is ``u = s (1 - e) + (1 - s) e``, so
+    ``s = (u - e) / (1 - 2e)`` (clipped to [0, 1]; e = 0 when it could not be estimated). Returns
+    (s, thumbs counted), or None without thumbs."""
+    ups = downs = 0
+    for t in trajectories:
+        for fb in t.feedback:
+            if fb.kind == "thumbs" and fb.value is not None:
+                ups += fb.value > 0
+                downs += fb.value <= 0
+    if not ups + downs:
+        return None
+    u = ups / (ups + downs)
+    e = min(noise.rate or 0.0, 0.45)
+    return min(1.0, max(0.0, (u - e) / (1 - 2 * e))), ups + downs

@@ -11,7 +11,7 @@ CREATE TABLE IF NOT EXISTS {db}.learner_rounds
     window_end UInt64,
     adapter String COMMENT 'the version it registered; empty when skipped',
     reason String COMMENT 'one line, in numbers',
-    plans String COMMENT 'JSON list: per task family, how it was trained (grpo | sft | sdft | sdft+sft | none) and why',
+    plans String COMMENT 'JSON list: per task family, how it was trained (methods: grpo, sft, sdft, sdft+sft; none = not trained) and why',
     metrics String COMMENT 'JSON: steps by method, guard decisions, timings',
     decided_at DateTime64(3, 'UTC')
 )
