@@ -55,10 +55,12 @@ def render_table(rows: list[dict]) -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from streams.settings import WarehouseSettings
-    from streams.warehouse import Warehouse
+    # open_warehouse, not Warehouse: the local stack's sink holds the embedded chdb path (one process
+    # per path), so with the stack up this reads through it; list, build and revalidate use only the
+    # methods Warehouse and RemoteWarehouse share (query, query_dicts, command, insert, migrate).
+    from streams.warehouse_server import open_warehouse
 
-    wh = Warehouse(WarehouseSettings())
+    wh = open_warehouse()
     wh.migrate()
     if args.action == "build":
         _build(wh, args)

@@ -7,15 +7,19 @@ which has the same methods as ``Warehouse`` (``query``, ``query_dicts``, ``comma
 ``insert_events``, ``migrate``, ``counts``). Against a real ClickHouse server nobody needs this:
 every process opens ``http(s)://`` directly.
 
-Settings: the owner serves on ``ONPOLICY_WAREHOUSE_SERVE_PORT``; clients set
+Settings: the owner serves on ``ONPOLICY_SINK_WAREHOUSE_PORT`` (``onpolicy sink --warehouse-port``); clients set
 ``ONPOLICY_WAREHOUSE_URL=onpolicy+http://127.0.0.1:PORT``. Requests carry a bearer token read from
 ``$ONPOLICY_HOME/secrets/warehouse_token`` (created by the owner, mode 0600).
+
+``open_warehouse()`` picks the right one: with no URL set, it finds the running local stack's owner
+through ``$ONPOLICY_HOME/stack.json`` (see its docstring), so CLIs need nothing but ``ONPOLICY_HOME``.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import hmac
+import http.client
 import logging
 import secrets
 import threading
@@ -27,13 +31,15 @@ from typing import Any, Sequence
 
 import orjson
 
-from streams.settings import default_home
+from streams.settings import WarehouseSettings, default_home
+from streams.warehouse import Warehouse
 
 log = logging.getLogger(__name__)
 
 
-def token_path() -> Path:
-    return default_home() / "secrets" / "warehouse_token"
+def token_path(home: Path | None = None) -> Path:
+    """Where the owner of the warehouse under ``home`` (default ``$ONPOLICY_HOME``) keeps its token."""
+    return (home or default_home()) / "secrets" / "warehouse_token"
 
 
 def ensure_token() -> str:
@@ -146,24 +152,77 @@ def _to_python_for(ch_type: str):
 
 
 class RemoteWarehouseError(RuntimeError):
-    pass
+    """The owner answered with an error (the database's message), or refused the token."""
+
+
+class _Refused(Exception):
+    """A 401 from the owner; ``RemoteWarehouse`` re-reads its token file once before giving up."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
 
 
 class RemoteWarehouse:
-    """The ``Warehouse`` interface over the owner's loopback endpoint (see the module docstring)."""
+    """The ``Warehouse`` interface over the owner's loopback endpoint (see the module docstring).
+
+    The bearer token is the one given (to the constructor, or set on ``token`` later), used as is;
+    otherwise it is read from ``$ONPOLICY_HOME/secrets/warehouse_token`` at the first request and read
+    again once when the owner refuses it (a stack restarted over a fresh home has a new token), so a
+    refusal means the token really is wrong.
+    """
 
     def __init__(self, url: str, database: str, token: str | None = None, timeout_s: float = 120.0):
         self.base = "http://" + url.split("://", 1)[1].rstrip("/")
         self.db = database
         self.embedded = True
-        self.token = token or token_path().read_text().strip()
+        self._token = token
+        self._token_given = token is not None
         self.timeout_s = timeout_s
-        from streams.settings import WarehouseSettings
-
         self.settings = WarehouseSettings(url=url, database=database)
 
+    @property
+    def token(self) -> str:
+        if self._token is None:
+            self._token = self._read_token()
+        return self._token
+
+    @token.setter
+    def token(self, value: str) -> None:
+        self._token, self._token_given = value, True
+
+    @staticmethod
+    def _read_token() -> str:
+        path = token_path()
+        try:
+            return path.read_text().strip()
+        except FileNotFoundError:
+            raise RemoteWarehouseError(
+                f"no warehouse token at {path}: the warehouse's owner (the local stack's sink) writes it there; "
+                "start the stack (`onpolicy up`) with this ONPOLICY_HOME, or point ONPOLICY_HOME at the stack's"
+            ) from None
+
     def _post(self, path: str, payload: dict) -> dict:
-        req = urllib.request.Request(self.base + path, data=orjson.dumps(payload, default=_default),
+        body = orjson.dumps(payload, default=_default)
+        try:
+            return self._send(path, body)
+        except _Refused as refused:
+            fresh = None if self._token_given else self._read_token()
+            if fresh is None or fresh == self._token:
+                raise self._refusal(refused) from None
+        self._token = fresh  # the owner's token changed since this process read it
+        try:
+            return self._send(path, body)
+        except _Refused as refused:
+            raise self._refusal(refused) from None
+
+    def _refusal(self, refused: _Refused) -> RemoteWarehouseError:
+        where = "the token given" if self._token_given else f"the token in {token_path()}"
+        return RemoteWarehouseError(f"{refused.message}: the owner at {self.base} refused {where}; a client must "
+                                    "use the owner's ONPOLICY_HOME (the one `onpolicy up` ran with)")
+
+    def _send(self, path: str, body: bytes) -> dict:
+        req = urllib.request.Request(self.base + path, data=body,
                                      headers={"content-type": "application/json",
                                               "authorization": f"Bearer {self.token}"}, method="POST")
         try:
@@ -174,6 +233,8 @@ class RemoteWarehouse:
                 message = orjson.loads(exc.read()).get("error", "")
             except Exception:
                 message = str(exc)
+            if exc.code == 401:
+                raise _Refused(message) from None
             raise RemoteWarehouseError(message) from None
 
     def _query(self, sql: str, parameters: dict[str, Any] | None) -> dict:
@@ -203,23 +264,77 @@ class RemoteWarehouse:
             self._post("/insert", {"table": table, "rows": [list(r) for r in rows], "columns": list(columns)})
 
     # the higher-level helpers are the same code as the local Warehouse's
-    from streams.warehouse import Warehouse as _W
-
-    insert_events = _W.insert_events
-    insert_dead_letters = _W.insert_dead_letters
-    counts = _W.counts
-    migrate = _W.migrate
-    rollback = _W.rollback
-    applied = _W.applied
-    del _W
+    insert_events = Warehouse.insert_events
+    insert_dead_letters = Warehouse.insert_dead_letters
+    counts = Warehouse.counts
+    migrate = Warehouse.migrate
+    rollback = Warehouse.rollback
+    applied = Warehouse.applied
 
 
-def open_warehouse(settings=None):
-    """``Warehouse`` for chdb:// and http(s)://, ``RemoteWarehouse`` for onpolicy+http://."""
-    from streams.settings import WarehouseSettings
-    from streams.warehouse import Warehouse
+# A live owner answers SELECT 1 in milliseconds; a refused connection (no stack) fails at once. The
+# bound only matters for a listener that never answers, and for an owner busy with a large insert
+# (queries wait on its lock), which is why it is seconds and not milliseconds.
+PROBE_TIMEOUT_S = 3.0
 
+
+def stack_warehouse_url(home: Path | None = None, timeout_s: float = PROBE_TIMEOUT_S) -> str | None:
+    """``onpolicy+http://127.0.0.1:PORT`` of the local stack's warehouse owner, if one answers.
+
+    The port comes from ``<home>/stack.json`` (``"ports"."warehouse"``, written by ``onpolicy up``);
+    the owner answers when an authenticated ``SELECT 1`` succeeds with the token in
+    ``<home>/secrets/warehouse_token``. ``None`` when there is no stack file, no port in it, or no
+    owner answering there (the stack is down, or the port belongs to something else).
+    """
+    home = home or default_home()
+    try:
+        port = int(orjson.loads((home / "stack.json").read_bytes())["ports"]["warehouse"])
+    except FileNotFoundError:
+        return None
+    except (OSError, orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        log.warning("warehouse: ignoring %s (%s: %s)", home / "stack.json", type(exc).__name__, exc)
+        return None
+    url = f"onpolicy+http://127.0.0.1:{port}"
+    try:
+        token = token_path(home).read_text().strip()
+        RemoteWarehouse(url, "system", token=token, timeout_s=timeout_s).query("SELECT 1")
+    # OSError: no token file, refused connection, timeout (URLError is one); the rest: something other
+    # than a WarehouseServer on that port (not HTTP, or not its JSON).
+    except (OSError, RemoteWarehouseError, http.client.HTTPException, ValueError) as exc:
+        log.info("warehouse: no local stack owner answers on port %d (%s)", port, exc)
+        return None
+    return url
+
+
+def open_warehouse(settings: WarehouseSettings | None = None) -> Warehouse | RemoteWarehouse:
+    """The warehouse for this process, by URL -- and, with none set, the running local stack's.
+
+    - ``onpolicy+http://``: ``RemoteWarehouse`` through the owning process.
+    - ``chdb://`` or ``http(s)://`` set explicitly (``ONPOLICY_WAREHOUSE_URL`` or the ``settings``
+      passed in): ``Warehouse``, opened here. An explicit URL always wins.
+    - Nothing set (the default ``chdb://$ONPOLICY_HOME/warehouse``): if the local stack runs on this
+      home (``stack_warehouse_url`` finds its owner), ``RemoteWarehouse`` to it; otherwise that path
+      opened here. Why: chdb opens a data path in exactly one process, and while the stack runs its
+      sink holds this one, so opening it here would fail on the lock; reading through the sink needs
+      nothing but ``ONPOLICY_HOME``.
+    """
     settings = settings or WarehouseSettings()
     if settings.url.startswith("onpolicy+http://"):
+        log.info("warehouse: %s (through its owner)", settings.url)
         return RemoteWarehouse(settings.url, settings.database)
+    default_url = f"chdb://{default_home() / 'warehouse'}"
+    if "url" not in settings.model_fields_set and settings.url == default_url:
+        remote = stack_warehouse_url()
+        if remote is not None:
+            log.info("warehouse: the local stack's, through its owner at %s (chdb allows one process on %s)",
+                     remote, default_url[len("chdb://"):])
+            return RemoteWarehouse(remote, settings.database)
+    log.info("warehouse: %s (opened in this process)", _without_credentials(settings.url))
     return Warehouse(settings)
+
+
+def _without_credentials(url: str) -> str:
+    """``http://user:pass@host`` -> ``http://host``: URLs go to logs, passwords must not."""
+    scheme, sep, rest = url.partition("://")
+    netloc, slash, path = rest.partition("/")
+    return scheme + sep + netloc.rpartition("@")[2] + slash + path
