@@ -66,9 +66,9 @@ class FamilyEvidence:
         best = max((r for r in reports.values() if r.auc is not None), key=lambda r: r.ci_low or 0.0, default=None)
         best_s = (f"best reward {best.reward} AUC {best.auc:.2f} [{best.ci_low:.2f}, {best.ci_high:.2f}] "
                   f"(bar {bar:.2f})") if best is not None else "no reward could be scored on enough held-out signal"
-        return (f"{self.heldout_approved} of {min_pos} approved held-out answers ({self.heldout_rejected} rejected); "
-                f"{self.heldout_pairs} of {min_pairs} held-out correction pairs; {self.fit_corrections} corrections "
-                f"to learn from; {best_s}; {self.noise.describe()}")
+        return (f"{self.heldout_approved} approved / {self.heldout_rejected} rejected held-out answers (needs "
+                f"{min_pos} / {min_pos}); {self.heldout_pairs} held-out correction pairs (needs {min_pairs}); "
+                f"{self.fit_corrections} corrections to fit from; {best_s}; {self.noise.describe()}")
 
 
 @dataclass

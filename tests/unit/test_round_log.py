@@ -11,8 +11,8 @@ from deploy.status_page import collect, render
 from learner.round_log import (FamilyPlan, Method, RoundRecord, RoundStatus, WarehouseRoundLog, read_rounds,
                                summarize)
 
-SKIP_WHY = ("no validated reward: 4 of 15 approved held-out answers (37 rejected); 12 of 15 held-out correction pairs; "
-            "61 corrections to learn from; thumb noise 11% [6%, 18%]")
+SKIP_WHY = ("no validated reward: 4 approved / 37 rejected held-out answers (needs 15 / 15); 12 held-out correction "
+            "pairs (needs 15); 61 corrections to fit from; thumb noise 11% [6%, 18%]")
 
 
 def _skipped(round_: int) -> RoundRecord:
@@ -33,7 +33,7 @@ def test_round_decisions_round_trip_through_the_warehouse(warehouse):
     got = read_rounds(warehouse, "demo")
     assert [r.round for r in got] == [2, 1]  # newest first
     assert got[0].plans[0].methods == (Method.GRPO, Method.SFT) and got[0].adapter == "demo-v0001"
-    assert got[1].status is RoundStatus.SKIPPED and "4 of 15 approved" in got[1].plans[0].reason
+    assert got[1].status is RoundStatus.SKIPPED and "4 approved / 37 rejected" in got[1].plans[0].reason
     assert got[1].reason.startswith("nothing to train")
     # a resumed learner deciding round 2 again replaces it, never duplicates it
     log.record(RoundRecord("demo", 2, RoundStatus.GATE_FAILED, (600, 1200), "gate failed: forgets 3 points", (),
@@ -49,10 +49,10 @@ def test_the_demo_prints_each_round_once_and_the_status_page_shows_why(warehouse
     lines = watcher.poll()
     text = "\n".join(lines)
     assert "[learning] round 1 skipped: nothing to train" in text
-    assert "[learning]   [demo] capitals: not trained: no validated reward: 4 of 15 approved" in text
+    assert "[learning]   [demo] capitals: not trained: no validated reward: 4 approved / 37 rejected" in text
     assert not [x for x in watcher.poll() if "round" in x]  # printed once
     page = render(collect(warehouse, home=tmp_path))
-    assert "Learning rounds" in page and "4 of 15 approved held-out answers" in page
+    assert "Learning rounds" in page and "4 approved / 37 rejected held-out answers" in page
 
 
 def test_read_rounds_before_any_learner_migrated_is_empty(warehouse):
