@@ -8,6 +8,11 @@ While the simulated users run, the demo prints what the learner decided, read fr
     [learning] adapter_published onpolicy-tiny -> demo-v0002 (learner): loaded and probed on every replica
     [learning] adapter_promoted onpolicy-tiny -> demo-v0002 (canary): ...
 
+and every learning round's decision, skipped rounds with why, per task family, in numbers:
+
+    [learning] round 1 skipped: nothing to train: no family has a validated reward or enough corrections ...
+    [learning]   [demo] What is the capital of ...: not trained: no validated reward: 4 approved / 37 rejected held-out ...
+
 so a person (and the end-to-end test) sees learning happen without opening the status page.
 """
 
@@ -40,9 +45,18 @@ class LearningWatcher:
         self.since = since
         self.seen_status: dict[str, str] = {}
         self.seen_control: set[str] = set()
+        self.seen_rounds: dict[tuple[str, int], str] = {}
 
     def poll(self) -> list[str]:
+        from learner.round_log import read_rounds
+
         lines: list[str] = []
+        for rec in reversed(read_rounds(self.wh)):  # oldest first; read_rounds is empty before migration 0007
+            key = (rec.family, rec.round)
+            if self.seen_rounds.get(key) == rec.status.value or rec.decided_at.timestamp() < self.since:
+                continue
+            self.seen_rounds[key] = rec.status.value
+            lines += [f"[learning] {line[:400]}" for line in rec.lines()]
         try:
             rows = self.wh.query_dicts("SELECT name, status, reason FROM {db}.adapter_versions FINAL ORDER BY version")
         except Exception:
