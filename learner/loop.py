@@ -433,6 +433,7 @@ class LearningLoop:
         if "window" not in st:  # a new round: fix its window now
             st = {**st, "round": st["round"] + 1, "window": [st["committed"], self.log.end()], "step": 0}
         rnd, (start, end) = st["round"], st["window"]
+        t_round = time.perf_counter()
         envs, rewards, objs = self._objectives(end)
         if st.get("step", 0) == 0:
             self._revalidate_stored(envs, start, end)
@@ -442,6 +443,7 @@ class LearningLoop:
             raise RuntimeError(f"round {rnd}: environments rebuilt from the same window differ from the checkpoint "
                                "(nondeterministic build); refusing to mix them")
         plan = self._plan(envs, rewards, objs, rnd, start)
+        timings = {"rebuild_s": time.perf_counter() - t_round}
         total_steps = plan.grpo_steps + plan.distill_steps
         if total_steps == 0:
             self._commit(rnd, end)
@@ -524,8 +526,9 @@ class LearningLoop:
                 self._checkpoint(st, policy, grpo, distill)
                 if not guard:
                     healthy = policy.adapter_state()
+        timings["train_s"] = time.perf_counter() - t_round - timings["rebuild_s"]
         return self._finish_round(rnd, start, end, st, plan, policy, prod, envs, env_versions, reward_versions,
-                                  history, guard)
+                                  history, guard, timings)
 
     def _rehearsal(self, policy, prompts) -> list:
         """The starting weights' own greedy answers to ``prompts``, as demonstrations."""
@@ -540,8 +543,10 @@ class LearningLoop:
         return out
 
     def _finish_round(self, rnd, start, end, st, plan: _Plan, policy, prod, envs, env_versions, reward_versions,
-                      history, guard) -> RoundResult:
-        """Register (idempotent by checksum), gate, ship, record the decision, then commit the window."""
+                      history, guard, timings: dict[str, float]) -> RoundResult:
+        """Register (idempotent by checksum), gate, ship, record the decision, then commit the window.
+        ``timings``: seconds per stage (rebuild, train, register, gate, ship), kept in the round's metrics."""
+        t0 = time.perf_counter()
         out_dir = self.ckpt.root / f"adapter-round-{rnd}"
         shutil.rmtree(out_dir, ignore_errors=True)
         policy.save_adapter(out_dir)
@@ -558,7 +563,9 @@ class LearningLoop:
                      "steps_by_method": steps,
                      "corrections": {fid: len(fc.train) for fid, fc in plan.corrections.items()},
                      "guard": guard}))
-        metrics = {"steps": len(history), "steps_by_method": steps, **({"guard": guard} if guard else {})}
+        timings["register_s"] = time.perf_counter() - t0
+        metrics = {"steps": len(history), "steps_by_method": steps, "timings": timings,
+                   **({"guard": guard} if guard else {})}
         reason = summarize(plan.families) + (f"; {guard['reason']}" if guard else "")
         result = RoundResult(rnd, (start, end), RoundStatus.TRAINED, reason, version.name, metrics=metrics,
                              plans=plan.families)
@@ -567,7 +574,9 @@ class LearningLoop:
             for fid, fc in plan.corrections.items():
                 if fid not in checks and (check := heldout_check(fc)) is not None:
                     checks[fid] = check
+            t0 = time.perf_counter()
             g = self.gate(policy, prod, envs, checks)
+            timings["gate_s"] = time.perf_counter() - t0
             from learner.gate import record
 
             version = record(self.registry, version.name, prod.name if prod else "", g)
@@ -579,8 +588,10 @@ class LearningLoop:
             from learner.release import RoundContext
 
             fam_settings = self.env_settings.families if self.env_settings is not None else None
+            t0 = time.perf_counter()
             result.release = self.ship(version, RoundContext(envs, plan.objectives, self._round_trajectories,
                                                              fam_settings))
+            timings["ship_s"] = time.perf_counter() - t0
         self._commit(rnd, end)
         return result
 
