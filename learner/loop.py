@@ -48,8 +48,10 @@ How corrections and GRPO are mixed, and why
     wording of sums took held-out success on it from 1% to 51% and cost 11 points on sums in the
     old wording; with 16 rehearsal examples a step (the other families' prompts answered as the
     starting weights answered them) 56% and nothing lost (``rehearsal_per_step``; measured by hand,
-    tests/integration/test_learning_cold_start.py runs it through this loop). A family with no
-    other traffic beside it gets no rehearsal; the gate's forgetting suite still judges it.
+    tests/integration/test_learning_cold_start.py runs it through this loop). Traffic that is all
+    cold has no other family to rehearse: a chat model then rehearses everyday requests
+    (``general_rehearsal``, learner/rehearsal.py says what it measured without). The gate's
+    forgetting suite judges the result either way.
     A distillation that collapses (the student's samples turn into a word repeated to the end)
     is stopped within the round by the degenerate-sample guard (``LoopSettings.degenerate_stop``);
     the gate is the second line, not the first.
@@ -180,7 +182,8 @@ class LoopSettings:
     ``rehearsal_per_step``: examples added to each distillation batch from the round's other
     families (those not distilled): their train prompts answered greedily by the weights the round
     started from, up to ``rehearsal_prompts`` of them -- the adapter keeps doing what it did where
-    nobody corrected it (module docstring: why)."""
+    nobody corrected it (module docstring: why). ``general_rehearsal``: also rehearse everyday
+    requests (learner/rehearsal.py), for a chat model whose traffic may be all cold."""
 
     family: str = "demo"
     min_new_feedback: int = 500
@@ -197,6 +200,7 @@ class LoopSettings:
     guard_window: int = 3
     rehearsal_per_step: int = 16
     rehearsal_prompts: int = 128
+    general_rehearsal: bool = False
 
     def __post_init__(self) -> None:
         if self.distill_method is Method.GRPO:
@@ -279,7 +283,7 @@ class _Plan:
     families: tuple[FamilyPlan, ...]
     grpo_steps: int
     distill_steps: int
-    rehearsal: tuple = ()  # PromptRecords of the families not distilled, answered at round start
+    rehearsal: tuple = ()  # (id, messages) rehearsed: other families' prompts, everyday requests
 
     def distills(self, step: int) -> bool:
         """True when ``step`` (0-based) is a distillation step: they are spread evenly among GRPO's."""
@@ -393,10 +397,14 @@ class LearningLoop:
         distill_steps = min(s.steps_per_round, math.ceil(s.distill_epochs * n_demos / batch)) if corrections else 0
         rehearsal: list = []
         if corrections and s.rehearsal_per_step > 0:
-            pool = sorted((p for fid, env in envs.environments.items() if fid not in corrections for p in env.train),
-                          key=lambda p: p.prompt_id)
+            pool = sorted((p.prompt_id, tuple(p.messages)) for fid, env in envs.environments.items()
+                          if fid not in corrections for p in env.train)
             random.Random(f"{s.seed}-rehearsal-{rnd}").shuffle(pool)
             rehearsal = pool[:s.rehearsal_prompts]
+            if s.general_rehearsal:
+                from learner.rehearsal import general_requests
+
+                rehearsal += [(f"general-{i}", m) for i, m in enumerate(general_requests())]
         return _Plan(objs, corrections, tuple(plans), s.steps_per_round if objs else 0, distill_steps,
                      tuple(rehearsal))
 
@@ -537,9 +545,9 @@ class LearningLoop:
         out = []
         for i in range(0, len(prompts), 64):
             chunk = prompts[i:i + 64]
-            ro = policy.sample([p.messages for p in chunk], 1, seed=i, greedy=True)
-            out += [Demonstration(tuple(p.messages), t, 1.0, "rehearsal", p.prompt_id)
-                    for p, t in zip(chunk, ro.texts) if t.strip()]
+            ro = policy.sample([m for _, m in chunk], 1, seed=i, greedy=True)
+            out += [Demonstration(tuple(m), t, 1.0, "rehearsal", pid) for (pid, m), t in zip(chunk, ro.texts)
+                    if t.strip()]
         return out
 
     def _finish_round(self, rnd, start, end, st, plan: _Plan, policy, prod, envs, env_versions, reward_versions,

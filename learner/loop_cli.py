@@ -136,7 +136,10 @@ def _run(args) -> int:
     loop = LearningLoop(base, WarehouseSignalLog(wh), registry, args.dir / "ckpt", ts,
                         LoopSettings(family=args.family, min_new_feedback=args.min_new_feedback,
                                      steps_per_round=args.steps, distill_method=Method(args.distill),
-                                     distill_scope=DistillScope(args.distill_scope)),
+                                     distill_scope=DistillScope(args.distill_scope),
+                                     # a chat model rehearses everyday requests (learner/rehearsal.py); the
+                                     # tiny model knows only its demo families, which its traffic carries
+                                     general_rehearsal=args.model != "onpolicy-tiny"),
                         gate=make_loop_gate(base, ts, _forgetting_suite(args.model)),
                         ship=ship, on_step=on_step, round_log=WarehouseRoundLog(wh))
     for r in loop.run(max_rounds=args.rounds):
