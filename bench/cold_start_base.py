@@ -10,6 +10,8 @@ a temperature-0 client sees. The model is the cached build (``ensure_model``), l
 trainer's ``LoraPolicy`` with a fresh adapter (its B matrices are zero, so it is the base).
 Prompts are distinct held-out ones (``heldout``), the ones ``onpolicy eval`` asks; each line
 gives the share right with a 95% Wilson interval. ``--show`` prints the commonest wrong answers.
+Prefill of ~100-token chat prompts dominates: on two CPU cores shared with other jobs a family
+took 10-15 minutes at n=200 (``--n 100 --family ...`` for a quicker look).
 """
 
 from __future__ import annotations

@@ -151,6 +151,13 @@ class Demonstration:
     user_id: str = ""
     interaction_id: str = ""
 
+    def __post_init__(self) -> None:
+        if not (self.weight >= 0 and self.weight != float("inf")):  # also refuses NaN
+            raise ValueError(f"a demonstration's weight must be finite and >= 0, got {self.weight!r}")
+        if not any(m.get("role") == "user" for m in self.messages):
+            raise ValueError("a demonstration needs a user message to answer; got roles "
+                             f"{[m.get('role') for m in self.messages]}")
+
 
 @dataclass(frozen=True)
 class TrajectoryGroup:
