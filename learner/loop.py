@@ -38,10 +38,12 @@ How corrections and GRPO are mixed, and why
     once a reward validates (until then it is rehearsed, not trained), whose rewards
     already carry its corrections (the reference reward and the answer memory are fitted from
     them): SFT moves shared weights towards its demonstrations and forgot sums without a carry on
-    the tiny model (95% -> 40%, tests/unit/test_trainer_sdft.py), where the demo families are served
-    38-60% right. Below a quarter right, most of GRPO's groups are all wrong and carry no signal
-    (at 8% right, 0.92^8 = 51% of groups of 8), while corrections are what such users send.
-    ``DistillScope.ALL`` distils every family beside GRPO; the gate's forgetting suite judges either. Only corrections before the build's split time are
+    the tiny model (95% -> 40%, an earlier tests/unit/test_trainer_sdft.py), where the demo families
+    are served 26-60% right. Below a fifth right (the cold-start families start at 0-12%), most of
+    GRPO's groups are all wrong and carry no signal (at 8% right, 0.92^8 = 51% of groups of 8),
+    while corrections are what such users send. The bar sits between the two with room for the
+    estimate's noise. ``DistillScope.ALL`` distils every family beside GRPO; the gate's forgetting
+    suite judges either. Only corrections before the build's split time are
     trained on; the later ones check the adapter at the gate (learner/corrections.py). Each user
     carries at most a capped share of a family's corrections, and corrections never cross tenants.
     Distillation moves weights every family shares: on the tiny model, 100 SFT steps on a new
@@ -193,7 +195,7 @@ class LoopSettings:
     seed: int = 0
     distill_method: Method = Method.SFT
     distill_scope: DistillScope = DistillScope.COLD
-    cold_below: float = 0.25
+    cold_below: float = 0.2
     distill_epochs: float = 2.0
     corrections: CorrectionSettings = field(default_factory=CorrectionSettings)
     degenerate_stop: float = 0.5

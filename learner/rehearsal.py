@@ -5,7 +5,7 @@ nobody corrected it: each distillation batch carries some requests answered as t
 round started from answered them (learner/loop.py). The first source is the app's other traffic
 (families the round does not distil). A deployment whose traffic is all cold -- the SmolLM2 demo,
 three families the base gets wrong -- has none, and measured there, 20 SFT steps on the
-corrections alone taught the formats and cost 12-80 points on every task of SmolLM2's forgetting
+corrections alone taught the formats and cost 6 to 82 points on the four tasks of SmolLM2's forgetting
 suite (bench/distill.py). So a chat model is also rehearsed on these: everyday requests of the
 kinds a general assistant answers.
 
