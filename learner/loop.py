@@ -30,8 +30,10 @@ A round, in order:
 How corrections and GRPO are mixed, and why
     A correction (a person typing the right answer) is the strongest signal a model that is mostly
     wrong gets, and at a cold start it is often the only one: thumbs up are too few to validate any
-    reward. So corrections are trained on directly, by ``distill_method`` (SFT by default: the
-    measured floor, docs/learning-curve.md has the SFT / SDFT / SDFT+SFT table on SmolLM2). Which
+    reward. So corrections are trained on directly, by ``distill_method``: on SmolLM2 with rehearsal,
+    SDFT was the only method that kept the forgetting suite within the gate's 2 points (SFT, the
+    floor, learned more and lost 36); the tiny model's teacher cannot use a correction in context,
+    so it uses SFT (``onpolicy learner run`` picks per model; docs/learning-curve.md has the table). Which
     families: by default (``DistillScope.COLD``) those served mostly wrong (success estimated from the
     window's thumbs, corrected for their measured noise, below ``cold_below``; with no thumbs at all,
     those without a validated reward). A family served better than that is trained by GRPO alone
@@ -468,6 +470,8 @@ class LearningLoop:
         # rehearsal targets come from the weights the round starts from, before any checkpoint is
         # loaded, so a resumed round rehearses exactly what an uninterrupted one did (greedy: deterministic)
         rehearsal = self._rehearsal(policy, plan.rehearsal) if plan.distill_steps else []
+        # SDFT's teacher is frozen at the round's starting weights, also when the round resumes
+        start_state = policy.adapter_state() if plan.distill_steps else None
         opt_state = distill_opt_state = None
         resumed = self.ckpt_dir is not None and st.get("step", 0) > 0
         if resumed and (self.ckpt_dir / "adapter.pt").exists():
@@ -477,7 +481,7 @@ class LearningLoop:
             if (self.ckpt_dir / "distill_optimizer.pt").exists():
                 distill_opt_state = torch.load(self.ckpt_dir / "distill_optimizer.pt")
         grpo = GRPOTrainer(policy, objs, opt_state) if plan.grpo_steps else None
-        distill = DistillTrainer(policy, distill_opt_state) if plan.distill_steps else None
+        distill = DistillTrainer(policy, distill_opt_state, teacher_state=start_state) if plan.distill_steps else None
         method = DistillMethod(self.settings.distill_method.value)
         grpo_fams = sorted(objs)
         demos = {fid: fc.train for fid, fc in sorted(plan.corrections.items())}

@@ -25,8 +25,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--lr", type=float, default=1e-3, help="LoRA learning rate")
     run.add_argument("--kl-beta", type=float, default=0.05, help="weight of the KL guard to the base")
     run.add_argument("--rounds", type=int, default=None, help="stop after this many rounds (default: forever)")
-    run.add_argument("--distill", default="sft", choices=("sft", "sdft", "sdft+sft"),
-                     help="how corrections are trained on (docs/learning-curve.md compares them)")
+    run.add_argument("--distill", default=None, choices=("sft", "sdft", "sdft+sft"),
+                     help="how corrections are trained on (default: sft for the tiny model, whose teacher cannot use "
+                          "a correction in context; sdft for a chat model: the only method that kept SmolLM2's "
+                          "forgetting suite within the gate's 2 points; docs/learning-curve.md compares them)")
     run.add_argument("--distill-scope", default="cold", choices=("cold", "all", "off"),
                      help="which families are distilled from their corrections: cold (default: no validated reward, "
                           "or served mostly wrong), all, or none (learner/loop.py says why)")
@@ -135,7 +137,8 @@ def _run(args) -> int:
 
     loop = LearningLoop(base, WarehouseSignalLog(wh), registry, args.dir / "ckpt", ts,
                         LoopSettings(family=args.family, min_new_feedback=args.min_new_feedback,
-                                     steps_per_round=args.steps, distill_method=Method(args.distill),
+                                     steps_per_round=args.steps, distill_method=Method(args.distill or ("sft" if args.model == "onpolicy-tiny"
+                                                                             else "sdft")),
                                      distill_scope=DistillScope(args.distill_scope),
                                      # a chat model rehearses everyday requests (learner/rehearsal.py); the
                                      # tiny model knows only its demo families, which its traffic carries
