@@ -8,7 +8,8 @@ What it optimises, and what it refuses to
     let each weighted component carry weight* -- and pushes up answers that beat their group's mean.
     A reward that was never validated, failed validation, was retired on re-validation, or whose
     version differs from the one validated is refused (:class:`UnvalidatedReward`) before a single
-    sample is drawn: INFRA.md measured a format-only reward being hacked to 0.9 in 7 minutes
+    sample is drawn: a format-only reward was measured being hacked to 0.9 in 7 minutes on SmolLM2
+    (by hand, 2026-11-26; tests/unit/test_trainer_rewards.py shows validation refusing such a reward)
     ("Poland" as the capital of everything), so only rewards that agree with held-out human
     feedback are ever optimised.
 

@@ -232,7 +232,7 @@ class ControlFollower:
                 consumer.assign([tp])
                 consumer.seek_to_beginning(tp)
                 # Where the replay ends: the high watermark at start. (tansu's end_offsets is wrong
-                # on S3 storage -- INFRA.md -- so an empty poll after a position past it also counts.)
+                # on S3 storage -- docs/streams.md, "Tansu quirks" -- so an empty poll after a position past it also counts.)
                 try:
                     end = consumer.end_offsets([tp])[tp]
                 except Exception:

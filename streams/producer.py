@@ -171,7 +171,7 @@ class _ConfluentClient:
     C threads that do not hold the GIL: 1.8-3.1 us per record, delivery report included. The capture
     worker pays this for every request, on the proxy's core.
 
-    Same semantics as the kafka-python client: acks=all, no idempotence (INFRA.md), the same
+    Same semantics as the kafka-python client: acks=all, no idempotence (docs/streams.md, "Tansu quirks"), the same
     partition for a key (``murmur2_random`` is the Java client's and kafka-python's default),
     delivery reports per record (run by ``poll``, on the sender thread).
     """
@@ -330,7 +330,7 @@ class EventProducer:
             bootstrap_servers=self.kafka.servers,
             client_id=f"{self.kafka.client_id}-producer",
             acks="all",
-            # The idempotent producer lost acked records on a broker restart (INFRA.md); we
+            # The idempotent producer lost acked records on a broker restart (docs/streams.md, "Tansu quirks"); we
             # deduplicate downstream by event id instead.
             enable_idempotence=False,
             linger_ms=s.linger_ms,

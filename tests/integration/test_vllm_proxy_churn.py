@@ -25,7 +25,6 @@ GRACE_S = 2.0
 
 @pytest.fixture(scope="module")
 def proxy(vllm_server, kafka, tmp_path_factory):
-    pytest.importorskip("proxy.testing", reason="the proxy is not in this checkout yet")
     from proxy.settings import ProxySettings
     from proxy.testing import RunningProxy
     from streams.settings import ProducerSettings

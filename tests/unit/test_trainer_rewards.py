@@ -3,7 +3,7 @@
 The simulated users know the truth of the demo arithmetic family ("What is 7 + 5? Reply with the
 number only."). The logged policy answers like the tiny base model: usually a bare number, often with
 the carry forgotten. A *format-only* verifier ("the reply is a number") is exactly the hackable
-reward INFRA.md saw driven to 0.9 while answers went wrong: it agrees with people barely better than
+reward a by-hand GRPO run on SmolLM2 drove to 0.9 while answers went wrong: it agrees with people barely better than
 chance here, so validation rejects it, and the trainer refuses to optimise it in any form.
 """
 
