@@ -545,15 +545,17 @@ class LearningLoop:
                                   history, guard, timings)
 
     def _rehearsal(self, policy, prompts) -> list:
-        """The starting weights' own greedy answers to ``prompts``, as demonstrations."""
+        """The starting weights' own greedy answers to ``prompts``, as demonstrations: only answers that
+        ended within the token limit (a cut answer would teach stopping mid-sentence, bench/distill.py)."""
         from learner.types import Demonstration
 
         out = []
         for i in range(0, len(prompts), 64):
             chunk = prompts[i:i + 64]
-            ro = policy.sample([m for _, m in chunk], 1, seed=i, greedy=True)
-            out += [Demonstration(tuple(m), t, 1.0, "rehearsal", pid) for (pid, m), t in zip(chunk, ro.texts)
-                    if t.strip()]
+            ro = policy.sample([m for _, m in chunk], 1, seed=i, greedy=True, max_new_tokens=48)
+            ended = (ro.ids[:, ro.prompt_len:] == policy.eos_id).any(dim=1).tolist()
+            out += [Demonstration(tuple(m), t, 1.0, "rehearsal", pid)
+                    for (pid, m), t, done in zip(chunk, ro.texts, ended) if done and t.strip()]
         return out
 
     def _finish_round(self, rnd, start, end, st, plan: _Plan, policy, prod, envs, env_versions, reward_versions,
